@@ -1,0 +1,1 @@
+"""The verification campaign: the project's main job (`refcache verify`)."""
