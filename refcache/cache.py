@@ -753,8 +753,8 @@ class HiCache:
             s, d = pick(t)
 
             def run(s=s, d=d):
-                d_state.data[d.to(d_state.data.device).long()] = s_state.data[s.to(s_state.data.device).long()].to(
-                    d_state.data.device, non_blocking=True)
+                for a, b in zip(s.tolist(), d.tolist(), strict=True):  # row copies: async and safe into pinned memory
+                    d_state.data[b].copy_(s_state.data[a], non_blocking=True)
 
             def poison(d=d):
                 d_state.data[d.to(d_state.data.device).long()] = POISON

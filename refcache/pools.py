@@ -18,6 +18,17 @@ INDEX_DTYPE = torch.int64
 """dtype of every slot-index tensor the cache stores or accepts."""
 
 
+def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive page numbers: (offset in `pages`, first page, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, p in enumerate(pages):
+        if runs and runs[-1][1] + runs[-1][2] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, p, 1))
+    return runs
+
+
 class PageAllocator:
     """Hands out slots a whole page at a time and takes them back, refusing double frees.
 
@@ -128,12 +139,21 @@ class KVPool:
         return sel.view(L, two, n // ps, ps, H, D).permute(2, 0, 1, 3, 4, 5).contiguous()
 
     def write_pages(self, slots: torch.Tensor, pages: torch.Tensor) -> None:
-        """Store `pages` ([pages, layers, 2, page_size, heads, dim]) at `slots`."""
+        """Store `pages` ([pages, layers, 2, page_size, heads, dim]) at `slots`.
+
+        From another device into the page-first (pinned) pool, each run of consecutive pages is
+        one asynchronous `copy_` straight into its destination: a CPU-side scatter would run
+        before an in-flight device-to-host copy had landed."""
         ps = self.page_size
-        pages = pages.to(self.data.device, non_blocking=True)
         if self.page_first:
-            self.data[(slots.view(-1, ps)[:, 0] // ps).to(self.data.device)] = pages
+            dst = (slots.view(-1, ps)[:, 0] // ps).to(self.data.device)
+            if pages.device != self.data.device:
+                for i, p0, k in page_runs(dst.tolist()):
+                    self.data[p0 : p0 + k].copy_(pages[i : i + k], non_blocking=True)
+            else:
+                self.data[dst] = pages
             return
+        pages = pages.to(self.data.device, non_blocking=True)
         n, L, two, _, H, D = pages.shape
         self.data[:, :, slots.to(self.data.device)] = pages.permute(1, 2, 0, 3, 4, 5).reshape(L, two, n * ps, H, D)
 
