@@ -492,24 +492,34 @@ class HiCache:
         """Free L1 KV of unlocked device leaves, LRU first, until `n_tokens` are freed.
 
         A leaf with L2 data is demoted; without, it is deleted (or, under write-back, backed up
-        and demoted when the backup completes). Returns the tokens freed now."""
+        and demoted when the backup completes). Returns the L1 tokens freed now, cascade
+        deletions included."""
         if n_tokens < 0:
             raise ValueError("n_tokens must be >= 0")
-        freed = 0
+        alloc = self.device_kv.allocator
+        start = alloc.available()  # counting frees here includes cascade deletions
         heap = [(n.last_access, n.id, n) for n in self.book.device_leaves]
         heapq.heapify(heap)
-        while freed < n_tokens and heap:
+        while alloc.available() - start < n_tokens and heap:
             _, _, node = heapq.heappop(heap)
             if not device_evictable(node) or self._nodes.get(node.id) is not node:
                 continue
-            parent = node.parent
-            freed += self._evict_one(node)
-            if self._nodes.get(parent.id) is parent and device_evictable(parent):
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
-        return freed
+            ancestors = list(node.parent.path_to_root())
+            self._evict_one(node)
+            self._requeue(heap, ancestors, device_evictable)
+        return alloc.available() - start
+
+    def _requeue(self, heap: list, ancestors: list[TreeNode], evictable) -> None:
+        """After an eviction (and its cascade), queue the nearest surviving ancestor if it became
+        evictable."""
+        for a in ancestors:
+            if self._nodes.get(a.id) is a:
+                if evictable(a):
+                    heapq.heappush(heap, (a.last_access, a.id, a))
+                return
 
     def _evict_one(self, node: TreeNode) -> int:
-        """Evict one unlocked device leaf; returns the L1 tokens freed now (0 when deferred)."""
+        """Evict one unlocked device leaf; returns 0 when deferred to its write-back backup."""
         n = len(node.key)
         if node.host_value is not None:
             self._drop_device(node)
@@ -526,51 +536,49 @@ class HiCache:
         """Free L2 data of host-only, unreferenced leaves, LRU first. Returns tokens freed."""
         if n_tokens < 0:
             raise ValueError("n_tokens must be >= 0")
-        freed = 0
+        alloc = self.host_kv.allocator
+        start = alloc.available()
         heap = [(n.last_access, n.id, n) for n in self.book.host_leaves]
         heapq.heapify(heap)
-        while freed < n_tokens and heap:
+        while alloc.available() - start < n_tokens and heap:
             _, _, node = heapq.heappop(heap)
             if node not in self.book.host_leaves:
                 continue
-            parent = node.parent
-            freed += len(node.key)
+            ancestors = list(node.parent.path_to_root())
             self._delete(node)
-            if parent in self.book.host_leaves:
-                heapq.heappush(heap, (parent.last_access, parent.id, parent))
-        return freed
+            self._requeue(heap, ancestors, lambda a: a in self.book.host_leaves)
+        return alloc.available() - start
 
     def evict_mamba(self, n_states: int) -> int:
         """Free L1 mamba states of unlocked nodes, LRU first: a device leaf is evicted whole, an
         interior node becomes a device tombstone. Returns states freed."""
         if not self.config.has("mamba"):
             raise ComponentError("this cache has no mamba component")
-        return self._evict_sidecar(n_states, lambda n: n.mamba_value is not None, self._drop_mamba)
+        return self._evict_sidecar(n_states, lambda n: n.mamba_value is not None, self._drop_mamba,
+                                   self.device_state.allocator.available)
 
     def evict_swa(self, n_tokens: int) -> int:
         """Free L1 SWA KV of unlocked nodes, LRU first (interior nodes become SWA tombstones).
         Returns SWA tokens freed."""
         if self.config.sidecar != "swa":
             return 0
-        return self._evict_sidecar(n_tokens, lambda n: n.swa, self._drop_swa)
+        return self._evict_sidecar(n_tokens, lambda n: n.swa, self._drop_swa, self.swa_available)
 
-    def _evict_sidecar(self, amount: int, holds, drop) -> int:
-        freed = 0
-        while freed < amount:
+    def _evict_sidecar(self, amount: int, holds, drop, measure) -> int:
+        start = measure()  # frees counted where they happen, cascades included
+        while measure() - start < amount:
             cands = [n for n in self._nodes.values()
                      if n.parent is not None and n.lock_ref == 0 and holds(n) and n.id not in self._busy]
             if not cands:
                 break
             node = min(cands, key=lambda n: (n.last_access, n.id))
-            unit = 1 if self.config.sidecar == "mamba" else len(node.key)
             if device_evictable(node):
                 if not self._evict_one(node):  # deferred until its write-back backup completes
                     break
             else:
                 drop(node)
                 self.book.touch(node)
-            freed += unit
-        return freed
+        return measure() - start
 
     def _drop_mamba(self, node: TreeNode) -> None:
         if node.mamba_value is not None:
@@ -674,6 +682,8 @@ class HiCache:
             path.append(top)
             top = top.parent
         path.reverse()
+        if any(n.host_value is None for n in path):
+            raise InvalidAnchorError(f"{node!r}: a node between it and the device has no L2 data")
         need_state = self.config.has("mamba") and node.mamba_value is None
         swa_nodes = []
         if self.config.sidecar == "swa":

@@ -98,4 +98,7 @@ class CacheConfig:
 
     @property
     def torch_device(self) -> torch.device:
-        return torch.device(self.device)
+        dev = torch.device(self.device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev

@@ -18,6 +18,14 @@ INDEX_DTYPE = torch.int64
 """dtype of every slot-index tensor the cache stores or accepts."""
 
 
+def canonical_device(device: torch.device | str) -> torch.device:
+    """`cuda` becomes `cuda:<current>`, so device comparisons match the tensors we make."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
 def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
     """Maximal runs of consecutive page numbers: (offset in `pages`, first page, length)."""
     runs: list[tuple[int, int, int]] = []
@@ -39,7 +47,7 @@ class PageAllocator:
         self.name = name
         self.capacity = capacity
         self.page_size = page_size
-        self.index_device = torch.device(index_device)
+        self.index_device = canonical_device(index_device)
         self._free: list[int] = list(range(capacity // page_size))
         heapq.heapify(self._free)
         self._allocated: set[int] = set()

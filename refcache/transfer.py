@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .pools import canonical_device
+
 if TYPE_CHECKING:
     from .node import TreeNode
 
@@ -157,7 +159,7 @@ class DeterministicExecutor(Executor):
     """
 
     def __init__(self, copy_device: torch.device | str = "cpu", auto_complete: bool = False):
-        self.copy_device = torch.device(copy_device)
+        self.copy_device = canonical_device(copy_device)
         self.auto_complete = auto_complete
         self._jobs: dict[int, dict[str, CopyJob]] = {}
         self._status: dict[int, dict[str, PartStatus]] = {}
@@ -218,7 +220,7 @@ class CudaExecutor(Executor):
     """
 
     def __init__(self, device: torch.device | str = "cuda"):
-        self.copy_device = torch.device(device)
+        self.copy_device = canonical_device(device)
         self.stream = torch.cuda.Stream(device=self.copy_device)
         self._events: dict[int, dict[str, torch.cuda.Event]] = {}
         self._jobs: dict[int, list[CopyJob]] = {}
