@@ -652,7 +652,12 @@ class HiCache:
     def _start_backup(self, node: TreeNode, demote: bool) -> Operation | None:
         if node.host_value is not None or node.id in self._busy:
             return None
-        host_idx = self._alloc_host(len(node.key))
+        self._add_lock(node, +1)  # making room in L2 may cascade: keep this node meanwhile
+        try:
+            host_idx = self._alloc_host(len(node.key))
+        except PoolExhaustedError:
+            self._add_lock(node, -1)
+            raise
         transfers = []
         if node.mamba_value is not None:
             slot = self._alloc_host_state()
@@ -660,7 +665,6 @@ class HiCache:
                 transfers.append(PoolTransfer("mamba", slot, node.mamba_value))
         op = Operation(OpKind.BACKUP, [Segment(node, node.value, host_idx)], transfers,
                        locked=node, demote_on_done=demote, swa_nodes=[node] if node.swa else [])
-        self._add_lock(node, +1)
         self._submit(op)
         return op
 
