@@ -20,8 +20,10 @@ def is_device_leaf(node: TreeNode) -> bool:
 
 
 def device_evictable(node: TreeNode) -> bool:
-    """T4 (L1): unlocked device leaf."""
-    return node.parent is not None and node.lock_ref == 0 and is_device_leaf(node)
+    """T4 (L1): unlocked device leaf that can lose its device copy: it has an L2 copy to demote
+    to, or no host reference (a referenced node may not be deleted, T3)."""
+    return (node.parent is not None and node.lock_ref == 0 and is_device_leaf(node)
+            and (node.host_value is not None or node.host_ref == 0))
 
 
 def host_evictable(node: TreeNode) -> bool:

@@ -33,6 +33,8 @@ from .errors import (
 from .node import TreeNode
 from .pages import ROOT_HASH, match_length, page_align, page_hashes
 from .pools import INDEX_DTYPE, KVPool, StatePool
+from .prefetch import PrefetchMixin
+from .tp import RankGroup, SingleRank
 from .transfer import (
     CopyJob,
     CudaExecutor,
@@ -72,10 +74,14 @@ class InsertResult(NamedTuple):
     mamba_slot_used: bool
 
 
-class HiCache:
-    """Radix tree over token pages with device and host tiers and sidecar components."""
+class HiCache(PrefetchMixin):
+    """Radix tree over token pages with device, host and storage tiers and sidecar components.
 
-    def __init__(self, config: CacheConfig, executor: Executor | None = None):
+    `storage` (and `state_storage`, for mamba states) are L3 backends from `refcache.storage`;
+    `ranks` is the TP rank group (`refcache.tp`), a single rank by default."""
+
+    def __init__(self, config: CacheConfig, executor: Executor | None = None, storage=None,
+                 state_storage=None, ranks: RankGroup | None = None):
         self.config = c = config
         dev = c.torch_device
         pin = torch.cuda.is_available()
@@ -104,6 +110,9 @@ class HiCache:
         self._locked_with_state: set[int] = set()  # caller-locked nodes that had a mamba state (T5)
         self.swa_capacity = c.extra.get("device_swa_tokens", c.device_tokens)
         self._clock = 0
+        self.storage, self.state_storage = storage, state_storage
+        self.ranks = ranks or SingleRank()
+        self._prefetches: dict[str, Operation] = {}  # request id -> its prefetch, while it waits
 
     # ================================================================================ input
     def _key(self, tokens: Sequence[int] | torch.Tensor, truncate: bool) -> tuple[int, ...]:
@@ -731,11 +740,12 @@ class HiCache:
         return op
 
     # ================================================================ operations and poll
-    def _submit(self, op: Operation) -> None:
-        jobs = self._copy_jobs(op)
+    def _submit(self, op: Operation, jobs: list[CopyJob] | None = None) -> None:
+        jobs = self._copy_jobs(op) if jobs is None else jobs
         self.ops[op.id] = op
-        for n in op.nodes():
-            self._busy[n.id] = op
+        if op.kind in (OpKind.BACKUP, OpKind.LOAD):  # ops that set node values when acknowledged
+            for n in op.nodes():
+                self._busy[n.id] = op
         self.executor.submit(op, jobs)
 
     def _copy_jobs(self, op: Operation) -> list[CopyJob]:
@@ -781,10 +791,16 @@ class HiCache:
         if a part failed, release everything it held. Returns the operations finished."""
         finished = []
         for op in list(self.ops.values()):
+            if op.kind is OpKind.PREFETCH:  # ends through prefetch_progress / abort, then drains
+                if op.state is OpState.DRAINING and self._drain(op):
+                    finished.append(op)
+                continue
             st = self.executor.status(op.id)
             if not st or PartStatus.PENDING in st.values():
                 continue  # never finish while any part (a pool transfer too) is in flight (X2)
-            if all(s is PartStatus.DONE for s in st.values()):
+            if op.kind is OpKind.STORE:
+                self._finish(op, OpState.DONE if all(s is PartStatus.DONE for s in st.values()) else OpState.FAILED)
+            elif all(s is PartStatus.DONE for s in st.values()):
                 self._ack(op)
             else:
                 self._release(op, OpState.FAILED)
@@ -794,6 +810,8 @@ class HiCache:
     def _finish(self, op: Operation, state: OpState) -> None:
         op.state = state
         del self.ops[op.id]
+        if op.prefetch is not None and self._prefetches.get(op.prefetch.request_id) is op:
+            del self._prefetches[op.prefetch.request_id]
         for n in op.nodes():
             if self._busy.get(n.id) is op:
                 del self._busy[n.id]

@@ -43,3 +43,13 @@ class ComponentError(RefCacheError, ValueError):
 
 class UnknownOperationError(RefCacheError, KeyError):
     """An operation or request id that the cache does not know (or no longer tracks)."""
+
+
+class StorageError(RefCacheError):
+    """L3 storage misuse: a page of the wrong shape or dtype, a bad hash, or the result of a
+    storage operation asked for before it completed."""
+
+
+class StorageIOError(StorageError, OSError):
+    """An L3 read or write failed at the I/O level: the page is unavailable (a miss for the
+    cache), never wrong data."""

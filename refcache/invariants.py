@@ -140,8 +140,9 @@ def t4_evictable(s: Snapshot) -> list[Violation]:
     v = []
     for nid in s.device_leaves:
         n = s.nodes.get(nid)
-        if n is None or n.lock_ref or n.device is None or any(c.device is not None for c in s.children(nid)):
-            v.append(Violation("T4", "in the L1 eviction set but not an unlocked device leaf", nid))
+        if (n is None or n.lock_ref or n.device is None or any(c.device is not None for c in s.children(nid))
+                or (n.host is None and n.host_ref)):
+            v.append(Violation("T4", "in the L1 eviction set but not an unlocked device leaf it may drop", nid))
     for nid in s.host_leaves:
         n = s.nodes.get(nid)
         if n is None or n.host is None or n.device is not None or n.host_ref or n.children:
@@ -216,11 +217,8 @@ def _owners(s: Snapshot) -> dict[str, Counter]:
         add("device_state", None if n.mamba is None else (n.mamba,), 1)
         add("host_state", None if n.mamba_host is None else (n.mamba_host,), 1)
     for op in s.ops:
-        for _, dev, host in op.segments:
-            add("host_kv" if op.kind == "backup" else "device_kv", host if op.kind == "backup" else dev, ps)
-        for _, host, dev in op.pool_transfers:
-            add("host_state" if op.kind == "backup" else "device_state",
-                host if op.kind == "backup" else dev, 1)
+        for pool, slots in op.owned:
+            add(pool, slots, ps if pool.endswith("_kv") else 1)
     own["device_kv"].update(s.caller_pages)
     if "device_state" in own:
         own["device_state"].update(s.caller_states)
@@ -282,10 +280,15 @@ def x1_records(s: Snapshot) -> list[Violation]:
 
 
 def x2_termination(s: Snapshot) -> list[Violation]:
-    """An operation ends only when every part is done: nothing still copies for a finished op."""
+    """An operation ends only when every part is done: nothing still copies for a finished op, and
+    a prefetch is never terminated while one of its pool transfers is in flight."""
     live = {op.id for op in s.ops}
-    return [Violation("X2", f"operation {i} was finished while the executor still runs parts of it")
-            for i in sorted(s.executor_pending - live)]
+    v = [Violation("X2", f"operation {i} was finished while the executor still runs parts of it")
+         for i in sorted(s.executor_pending - live)]
+    v += [Violation("X2", f"prefetch {op.id} was terminated while its pool transfer {p!r} is in flight", op.anchor)
+          for op in s.ops if op.state == "draining" and not op.aborted
+          for p, st in op.parts[op.kv_parts:] if st == "pending"]
+    return v
 
 
 def x3_liveness(s: Snapshot) -> list[Violation]:

@@ -55,6 +55,7 @@ class OpKind(str, enum.Enum):
 
 class OpState(str, enum.Enum):
     IN_FLIGHT = "in_flight"
+    DRAINING = "draining"  # a prefetch its request no longer waits on; freed once its reads settle
     DONE = "done"
     FAILED = "failed"
     ABORTED = "aborted"
@@ -84,6 +85,8 @@ class Operation:
     anchor: TreeNode | None = None
     demote_on_done: bool = False  # write-back eviction waiting for this backup
     swa_nodes: list = field(default_factory=list)  # nodes whose SWA KV this op moves
+    kv_parts: list[str] = field(default_factory=lambda: ["kv"])  # prefetch/store: one part per page
+    prefetch: object = None  # PrefetchState of a prefetch
     id: int = field(default_factory=lambda: next(_op_ids))
     state: OpState = OpState.IN_FLIGHT
     fingerprints: list[tuple] = field(default_factory=list)
@@ -93,8 +96,9 @@ class Operation:
 
     @property
     def parts(self) -> list[str]:
-        """Names of the independently completing parts: 'kv' then one per pool transfer."""
-        return ["kv"] + [f"pool:{i}:{t.name}" for i, t in enumerate(self.pool_transfers)]
+        """Names of the independently completing parts: the KV ('kv', or one per page) then one
+        per pool transfer."""
+        return self.kv_parts + [f"pool:{i}:{t.name}" for i, t in enumerate(self.pool_transfers)]
 
     def nodes(self) -> list[TreeNode]:
         """Every node this op works on (segments, SWA nodes, anchor), each once."""
@@ -107,7 +111,8 @@ class Operation:
 
 @dataclass
 class CopyJob:
-    """One part's copy: a callable that moves the bytes, run by the executor."""
+    """One part's copy: a callable that moves the bytes, run by the executor. It returns False
+    (or raises a StorageError) when the part failed, e.g. an L3 miss or a corrupt page."""
 
     part: str
     run: Callable[[], None]
@@ -129,6 +134,17 @@ class PartStatus(str, enum.Enum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
+
+
+def run_job(job: CopyJob) -> PartStatus:
+    """Run one part; a False return or a storage fault makes it a failed part."""
+    from .errors import StorageError
+
+    try:
+        ok = job.run()
+    except StorageError:
+        return PartStatus.FAILED
+    return PartStatus.FAILED if ok is False else PartStatus.DONE
 
 
 class Executor:
@@ -197,8 +213,7 @@ class DeterministicExecutor(Executor):
         for p in parts:
             if st.get(p) is not PartStatus.PENDING:
                 raise KeyError(f"part {p!r} of operation {op_id} is not pending")
-            self._jobs[op_id][p].run()
-            st[p] = PartStatus.DONE
+            st[p] = run_job(self._jobs[op_id][p])
 
     def fail(self, op_id: int, part: str = "kv") -> None:
         """Fail one pending part: its copy never happens."""
@@ -224,13 +239,15 @@ class CudaExecutor(Executor):
         self.stream = torch.cuda.Stream(device=self.copy_device)
         self._events: dict[int, dict[str, torch.cuda.Event]] = {}
         self._jobs: dict[int, list[CopyJob]] = {}
+        self._failed: dict[int, set[str]] = {}
 
     def submit(self, op: Operation, jobs: list[CopyJob]) -> None:
         self.stream.wait_stream(torch.cuda.current_stream(self.copy_device))
         events = {}
         with torch.cuda.stream(self.stream):
             for j in jobs:
-                j.run()
+                if run_job(j) is PartStatus.FAILED:
+                    self._failed.setdefault(op.id, set()).add(j.part)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
                 events[j.part] = ev
@@ -238,12 +255,14 @@ class CudaExecutor(Executor):
         self._jobs[op.id] = jobs  # keep index tensors alive until the copies have run
 
     def status(self, op_id: int) -> dict[str, PartStatus]:
-        return {p: (PartStatus.DONE if ev.query() else PartStatus.PENDING)
+        failed = self._failed.get(op_id, set())
+        return {p: (PartStatus.PENDING if not ev.query() else PartStatus.FAILED if p in failed else PartStatus.DONE)
                 for p, ev in self._events.get(op_id, {}).items()}
 
     def forget(self, op_id: int) -> None:
         self._events.pop(op_id, None)
         self._jobs.pop(op_id, None)
+        self._failed.pop(op_id, None)
 
     def pending_ops(self) -> set[int]:
         return {i for i, evs in self._events.items() if not all(e.query() for e in evs.values())}

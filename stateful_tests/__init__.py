@@ -1,0 +1,1 @@
+"""Hypothesis rule-based machines driving refcache and the abstract model in lockstep."""

@@ -1,0 +1,338 @@
+"""Rule-based machines: refcache and the abstract model (models/abstract.py) in lockstep.
+
+Every rule performs one public operation, abstracts `cache.snapshot()` and checks the step
+against the model: the result the model predicts (match lengths, cached length, lock target,
+eviction amounts and LRU choices) and the frame (which pages may gain or lose which data).
+After every step the invariants run: every check of `check_invariants()` (data included), the
+model's own derived counts (locks as this driver holds them), and the data oracle on matches.
+
+The executor is deterministic: rules complete or fail each part of each operation (its KV and
+each pool transfer) in any order, and `poll` acknowledges. Pools are tiny, so eviction and
+exhaustion are common. Machines are built per component mix and write policy (`MACHINES`);
+the device comes from REFCACHE_DEVICE, so gpu_tests can run the same machines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
+
+from models.abstract import Allowed, abstract, check_evict, check_evict_host, frame, node_prefix, same_data
+from refcache import (
+    CacheConfig,
+    DeterministicExecutor,
+    HiCache,
+    InvalidAnchorError,
+    OpState,
+    PoolExhaustedError,
+    RefCacheError,
+)
+from refcache.data import pages_ok, write_request
+from refcache.invariants import check_all
+
+PS = 2
+PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
+tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=5).map(lambda ps: [t for p in ps for t in p])
+
+COMPONENTS = {
+    "full": {},
+    "mamba": dict(components=("full", "mamba"), device_mamba_slots=4, host_mamba_slots=6),
+    "swa": dict(components=("full", "swa"), swa_window=4, extra={"device_swa_tokens": 12}),
+}
+POLICIES = ("write_through", "write_through_selective", "write_back")
+
+
+def device() -> str:
+    return os.environ.get("REFCACHE_DEVICE", "cpu")
+
+
+class Disagreement(AssertionError):
+    """The cache and the model (or an invariant) disagree after a step."""
+
+
+class CacheMachine(RuleBasedStateMachine):
+    """Base machine; subclasses set CONFIG (CacheConfig keyword arguments)."""
+
+    CONFIG: dict = {}
+    requests = Bundle("requests")
+    nodes = Bundle("nodes")
+
+    def __init__(self):
+        super().__init__()
+        cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=24, backup_after_hits=2,
+                          device=device(), **self.CONFIG)
+        self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device))
+        self.held: list = []  # nodes this driver holds a caller lock on (as lock() returned them)
+        self.snap = self.cache.snapshot(with_data=True)
+        self.model = abstract(self.snap)
+        self.log: list[str] = []
+
+    # ------------------------------------------------------------------ lockstep helper
+    def _step(self, what: str, allowed: Allowed, check=None) -> None:
+        """Abstract the cache after a step and check it against the model and `allowed`."""
+        self.log.append(what)
+        snap = self.cache.snapshot(with_data=True)
+        after = abstract(snap)
+        errs = frame(self.model, after, allowed)
+        if check is not None:
+            errs += check(self.model, after)
+        self.snap, self.model = snap, after
+        if errs:
+            raise Disagreement(f"{what}: cache and model disagree:\n  " + "\n  ".join(errs))
+
+    def _expect(self, cond: bool, msg: str) -> None:
+        if not cond:
+            raise Disagreement(msg)
+
+    def _l2_room(self, **kw) -> Allowed:
+        """A step that may make L2 room: host eviction, whose cascade may delete a sidecar tombstone
+        still holding device KV."""
+        return Allowed(evict_host=True, evict_dev=self.model.sidecar is not None, **kw)
+
+    def _raised(self, what: str, e: RefCacheError) -> None:
+        """An operation raised: nothing may have changed (pool exhaustion may have evicted first,
+        as alloc_device documents for write-back)."""
+        if isinstance(e, PoolExhaustedError):
+            self._step(f"{what} -> PoolExhausted", Allowed(evict_dev=True, evict_host=True))
+        else:
+            self._step(f"{what} -> {type(e).__name__}", Allowed(), lambda b, a: same_data(b, a))
+
+    # -------------------------------------------------------------------------- rules
+    @initialize(target=requests, tokens=tokens_st)
+    def first_request(self, tokens):
+        self.insert(tokens)
+        return tokens
+
+    @rule(target=requests, tokens=tokens_st)
+    def insert_new(self, tokens):
+        self.insert(tokens)
+        return tokens
+
+    @rule(tokens=requests)
+    def insert(self, tokens):
+        c = self.cache
+        try:
+            idx, slot = write_request(c, tokens)  # a forward pass: allocate (maybe evicting) and write
+        except PoolExhaustedError as e:
+            return self._raised(f"alloc {len(tokens)}", e)
+        self._step(f"alloc {len(tokens)}", Allowed(evict_dev=True, evict_host=True))
+        m = self.model
+        pages = m.page_prefixes(tokens)
+        missing = [p for p in pages if p not in m.pages or not m.pages[p].dev]
+        busy = bool(missing) and missing[0] in m.busy()
+        want = len(tokens) if busy else m.predict_cached(tokens)
+        end = pages[-1]
+        want_slot = (slot is not None and not busy and end not in m.busy()
+                     and not (end in m.pages and m.pages[end].mamba))
+        res = c.insert(tokens, idx, slot)
+        if res.cached_len:
+            c.free_device(idx[: res.cached_len])
+        if slot is not None and not res.mamba_slot_used:
+            c.free_mamba(slot)
+        gain = frozenset() if busy else frozenset(pages)
+
+        def check(b, a):
+            v = []
+            if res.cached_len != want:
+                v.append(f"cached_len {res.cached_len}, model says {want}")
+            if slot is not None and res.mamba_slot_used != want_slot:
+                v.append(f"mamba_slot_used {res.mamba_slot_used}, model says {want_slot}")
+            if not busy and not all(p in a.pages and a.pages[p].dev for p in pages):
+                v.append("inserted pages are not all on device")
+            return v
+
+        self._step(f"insert {tokens}", self._l2_room(gain_dev=gain, gain_side=gain), check)
+
+    def _match(self, tokens):
+        want = self.model.predict_match(tokens)
+        m = self.cache.match_prefix(tokens)
+        got = (m.device_len, len(node_prefix(m.last_host_node)), len(node_prefix(m.best_match_node)),
+               m.host_hit_length)
+
+        def check(b, a):
+            v = [] if got == want else [f"match (device, last_host, best, host_hit) = {got}, model says {want}"]
+            if len(node_prefix(m.last_device_node)) != m.device_len:
+                v.append("last_device_node does not end the device match")
+            if not pages_ok(self.cache, tokens, m.device_indices):
+                v.append("D1: match served device pages that do not hold the bytes written for the prefix")
+            return v
+
+        self._step(f"match {tokens}", self._l2_room(), check)  # selective backups may make L2 room
+        return m
+
+    @rule(target=nodes, tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2))
+    def match(self, tokens, extra):
+        m = self._match(tokens + [t for p in extra for t in p])
+        return multiple(*{n.id: n for n in (m.best_match_node, m.last_host_node, m.last_device_node)
+                          if n.parent is not None}.values())
+
+    @rule(node=nodes)
+    def lock(self, node):
+        try:
+            target = self.model.predict_lock_target(node_prefix(node))
+            got = self.cache.lock(node)
+        except RefCacheError as e:
+            return self._raised("lock", e)
+        if got.parent is not None:
+            self.held.append(got)
+        delta = {p: 1 for p in self.model.page_prefixes(target)}
+
+        def check(b, a):
+            return [] if node_prefix(got) == target else [f"lock locked {node_prefix(got)}, model says {target}"]
+
+        self._step(f"lock {node_prefix(node)}", Allowed(lock_delta=delta), check)
+
+    @precondition(lambda self: self.held)
+    @rule(i=st.integers(0, 7))
+    def unlock(self, i):
+        node = self.held.pop(i % len(self.held))
+        p = node_prefix(node)
+        self.cache.unlock(node)
+        self._step(f"unlock {p}", Allowed(lock_delta={q: -1 for q in self.model.page_prefixes(p)}))
+
+    @precondition(lambda self: any(g.dev for g in self.model.pages.values()))
+    @rule(n=st.sampled_from([PS, 4 * PS, 10**6]))
+    def evict(self, n):
+        freed = self.cache.evict(n)
+        self._step(f"evict {n} -> {freed}", Allowed(evict_dev=True, evict_host=True),
+                   lambda b, a: check_evict(b, a, n, freed))
+
+    @precondition(lambda self: any(g.host for g in self.model.pages.values()))
+    @rule(n=st.sampled_from([PS, 10**6]))
+    def evict_host(self, n):
+        freed = self.cache.evict_host(n)
+        self._step(f"evict_host {n} -> {freed}", self._l2_room(),
+                   lambda b, a: check_evict_host(b, a, n, freed))
+
+    @precondition(lambda self: self.model.sidecar is not None and any(g.mamba or g.swa for g in self.model.pages.values()))
+    @rule()
+    def evict_sidecar(self):
+        c = self.cache
+        n = c.evict_mamba(1) if c.config.sidecar == "mamba" else c.evict_swa(2 * PS)
+        self._step(f"evict_{c.config.sidecar} -> {n}", Allowed(evict_dev=True, evict_host=True))
+
+    @rule(node=nodes)
+    def backup(self, node):
+        try:
+            p = node_prefix(node)
+            want_none = self.model.pages[p].host or p in self.model.busy() if p in self.model.pages else None
+            op = self.cache.write_backup(node)
+        except RefCacheError as e:
+            return self._raised("backup", e)
+        self._step(f"backup {p} -> {op and op.id}", self._l2_room(),
+                   lambda b, a: [] if (op is None) == want_none else [f"backup returned {op}, model says None={want_none}"])
+
+    @rule(tokens=requests)
+    def load_back(self, tokens):
+        m = self._match(tokens)
+        end = node_prefix(m.best_match_node)
+        model = self.model
+        path = [p for p in model.page_prefixes(end) if not model.pages[p].dev]
+        try:
+            op = self.cache.load_back(m.best_match_node)
+        except InvalidAnchorError as e:
+            raise Disagreement(f"load_back(best_match_node) raised {e}") from e
+        except PoolExhaustedError as e:
+            return self._raised(f"load_back {end}", e)
+
+        def check(b, a):
+            if op is None or op.id not in a.ops:
+                return []
+            got = a.ops[op.id].pages
+            return [] if got == set(path) else [f"load_back moves {sorted(got)}, model says {path}"]
+
+        self._step(f"load_back {end} -> {op and op.id}", Allowed(evict_dev=True, evict_host=True), check)
+
+    @precondition(lambda self: self.cache.executor.pending_parts())
+    @rule(i=st.integers(0, 15), fail=st.booleans())
+    def finish_part(self, i, fail):
+        ex = self.cache.executor
+        parts = ex.pending_parts()
+        op_id, part = parts[i % len(parts)]
+        (ex.fail if fail else ex.complete)(op_id, part)
+        self._step(f"{'fail' if fail else 'complete'} op {op_id} {part}", Allowed())
+
+    @precondition(lambda self: self.cache.executor.pending_parts())
+    @rule(i=st.integers(0, 7))
+    def finish_op(self, i):
+        ex = self.cache.executor
+        ids = sorted({op_id for op_id, _ in ex.pending_parts()})
+        ex.complete(ids[i % len(ids)])
+        self._step(f"complete op {ids[i % len(ids)]}", Allowed())
+
+    @precondition(lambda self: self.cache.ops)
+    @rule()
+    def settle(self):
+        """Complete every pending part, then poll (the common case of a quiet moment)."""
+        ex = self.cache.executor
+        for op_id, part in ex.pending_parts():
+            ex.complete(op_id, part)
+        self._step("complete all", Allowed())
+        self.poll()
+
+    @precondition(lambda self: self.cache.ops)
+    @rule()
+    def poll(self):
+        before = self.model
+        done = self.cache.poll()
+        gain_dev, gain_host, acked = set(), set(), []
+        for op in done:
+            a = before.ops.get(op.id)
+            if a is None or op.state is not OpState.DONE:
+                continue
+            acked.append(a)
+            (gain_dev if a.kind == "load" else gain_host).update(a.pages)
+        ends = gain_dev | gain_host | {a.anchor for a in acked if a.anchor}
+        side = {p[:i] for p in ends for i in range(PS, len(p) + 1, PS)}  # mamba at the end, SWA in the window
+
+        def check(b, a):
+            v = []
+            for op in acked:
+                tier = "dev" if op.kind == "load" else "host"
+                for p in op.pages:
+                    if p in a.pages and not getattr(a.pages[p], tier):  # (a cascade may have deleted it)
+                        v.append(f"op {op.id} ({op.kind}) acknowledged but {p} lacks its {tier} data")
+            return v
+
+        self._step(f"poll -> {[op.id for op in done]}",
+                   Allowed(gain_dev=frozenset(gain_dev), gain_host=frozenset(gain_host), gain_side=frozenset(side),
+                           evict_dev=True, evict_host=True, ops_finish=True), check)
+
+    # ---------------------------------------------------------------------- invariants
+    @invariant()
+    def invariants_hold(self):
+        v = check_all(self.snap)
+        if v:
+            raise Disagreement("invariants broken:\n  " + "\n  ".join(map(str, v)))
+
+    @invariant()
+    def model_agrees(self):
+        """The model's own counts: locks as this driver holds them, references as ops hold them.
+        (The step-by-step agreement with the model is checked in `_step`.)"""
+        errs = self.model.wellformed(Counter(node_prefix(n) for n in self.held))
+        if errs:
+            raise Disagreement("model: " + "; ".join(errs))
+
+    def teardown(self):
+        """Liveness: release every lock, finish every part, poll: nothing may stay in flight."""
+        try:
+            for n in self.held:
+                self.cache.unlock(n)
+            self.cache.executor.complete_all()
+            self.cache.poll()
+            self._expect(not self.cache.ops, f"operations still in flight after completing all: {list(self.cache.ops)}")
+            v = self.cache.check_invariants(check_data=True)
+            self._expect(not v, "invariants broken at teardown: " + "; ".join(map(str, v)))
+        finally:
+            self.held = []
+
+
+def _machine(comp: str, policy: str) -> type[CacheMachine]:
+    name = f"{comp.capitalize()}{''.join(w.capitalize() for w in policy.split('_'))}Machine"
+    return type(name, (CacheMachine,), {"CONFIG": {**COMPONENTS[comp], "write_policy": policy}})
+
+
+MACHINES: dict[str, type[CacheMachine]] = {f"{c}/{p}": _machine(c, p) for c in COMPONENTS for p in POLICIES}

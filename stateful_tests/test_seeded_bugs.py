@@ -1,0 +1,39 @@
+"""The stateful suite finds every available seeded bug (DESIGN §4) within the chosen profile,
+and the same machines are green on the clean cache (test_machines.py)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis.stateful import run_state_machine_as_test
+
+from stateful_tests.machines import MACHINES
+from stateful_tests.profiles import DETECT_PHASES, current
+from stateful_tests.seeded_bugs import SEEDED_BUGS
+
+CASES = [pytest.param(name, m, id=f"{name}-{m}",
+                      marks=[pytest.mark.xfail(strict=True, reason=bug.unreachable)] if bug.unreachable else [])
+         for name, bug in SEEDED_BUGS.items() for m in bug.machines]
+
+
+@pytest.mark.parametrize("bug,machine", CASES)
+def test_seeded_bug_is_found(bug, machine):
+    t0 = time.perf_counter()
+    with SEEDED_BUGS[bug].patch(), pytest.raises(Exception) as info:  # noqa: B017 - any failure is a detection
+        run_state_machine_as_test(MACHINES[machine], settings=current(phases=DETECT_PHASES, print_blob=False))
+    print(f"{bug} found on {machine} in {time.perf_counter() - t0:.2f}s: {str(info.value).splitlines()[0]}")
+
+
+def test_patches_are_undone():
+    """A seeded bug is gone once its context manager exits."""
+    import refcache.cache as cache_mod
+    from refcache.cache import HiCache
+    from refcache.transfer import resolve
+
+    originals = (cache_mod.resolve, HiCache.match_prefix, HiCache.lock, HiCache._cascade)
+    for bug in SEEDED_BUGS.values():
+        with bug.patch():
+            pass
+    assert (cache_mod.resolve, HiCache.match_prefix, HiCache.lock, HiCache._cascade) == originals
+    assert cache_mod.resolve is resolve
