@@ -15,7 +15,10 @@ from unittest import mock
 
 import refcache.cache as cache_mod
 from refcache.cache import HiCache
-from refcache.transfer import COPY_INDEX_DTYPE
+from refcache.config import PrefetchPolicy
+from refcache.prefetch import PrefetchMixin
+from refcache.tp import agree_termination
+from refcache.transfer import COPY_INDEX_DTYPE, PartStatus
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,27 @@ class SeededBug:
     patch: Callable[[], contextlib.AbstractContextManager]
     machines: tuple[str, ...]  # keys of stateful_tests.machines.MACHINES that should find it
     unreachable: str = ""  # why the current cache cannot exhibit it yet (its test is a strict xfail)
+
+
+# --------------------------------------------------------------------------- class 1 (X2)
+def _progress_ignoring_pool(self, request_id):
+    """prefetch_progress that lets the policy alone decide: a prefetch whose pages have arrived
+    is terminated while its mamba pool transfer is still in flight."""
+    op = self._prefetches[request_id]
+    now = self._tick()
+    st = self.executor.status(op.id)
+    settled = all(st.get(p) is not PartStatus.PENDING for p in op.kv_parts)  # the bug: pages only
+    policy = self.config.prefetch_policy
+    can = (policy is PrefetchPolicy.BEST_EFFORT or settled
+           or (policy is PrefetchPolicy.TIMEOUT and now >= op.prefetch.deadline))
+    if not agree_termination(self.ranks, can, op.prefetch.aborted):
+        return False
+    self._terminate_prefetch(op, st)
+    return True
+
+
+def prefetch_terminates_with_pool_in_flight():
+    return mock.patch.object(PrefetchMixin, "prefetch_progress", _progress_ignoring_pool)
 
 
 # ----------------------------------------------------------------------- class 3 (X1, R1)
@@ -88,6 +112,11 @@ _ALL = tuple(f"{c}/{p}" for c in ("full", "mamba", "swa")
 _SIDECAR = tuple(m for m in _ALL if not m.startswith("full"))
 
 SEEDED_BUGS: dict[str, SeededBug] = {
+    "class1_terminate_with_pool_in_flight": SeededBug(
+        1, "prefetch terminated once its pages arrived while its mamba pool transfer is in flight (X2, X3)",
+        prefetch_terminates_with_pool_in_flight, ("mamba/write_through",),
+        unreachable="the Hypothesis machines do not drive prefetch yet; a directed scenario catches it "
+                    "through X2 (tests/test_walk_finds_seeded_bugs.py)"),
     "class3_resolve_mutates_record": SeededBug(
         3, "resolve converts the pool-transfer record a node holds in place (X1; later L2 free gets device indices)",
         resolve_mutates_record, ("mamba/write_through", "mamba/write_back")),
