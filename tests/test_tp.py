@@ -8,6 +8,7 @@ import traceback
 from datetime import timedelta
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from refcache.tp import RankGroup, SingleRank, TorchDistributedGroup, agree_hit_length, agree_termination
@@ -58,10 +59,12 @@ def test_torch_group_needs_an_initialized_process_group():
 
 
 # -- two real gloo ranks -----------------------------------------------------------------------
-def _rank_main(rank: int, world_size: int, init_method: str, results) -> None:
+def _rank_main(rank: int, world_size: int, init_method: str, results, backend: str = "gloo") -> None:
     """One TP rank: local views disagree, agreed answers must not."""
     try:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=TIMEOUT_S // 2))
         group = TorchDistributedGroup()
         out: dict[str, object] = {"rank": group.rank, "world_size": group.world_size, "device": str(group.device)}
@@ -84,11 +87,16 @@ def _rank_main(rank: int, world_size: int, init_method: str, results) -> None:
             dist.destroy_process_group()
 
 
-def test_two_gloo_ranks_agree(tmp_path):
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=[pytest.mark.gpu, pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]),
+])
+def test_two_ranks_agree(tmp_path, backend):
+    """Two real ranks (gloo on CPU; NCCL, one process per GPU) whose local states disagree agree."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, init_method, results), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=_rank_main, args=(r, 2, init_method, results, backend), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
     got: dict[int, object] = {}
@@ -109,7 +117,7 @@ def test_two_gloo_ranks_agree(tmp_path):
     assert sorted(got) == [0, 1]
     for rank, out in got.items():
         assert out == {
-            "rank": rank, "world_size": 2, "device": "cpu",
+            "rank": rank, "world_size": 2, "device": "cpu" if backend == "gloo" else f"cuda:{rank}",
             "in_flight": False, "one_terminated": True, "pulled_along": True, "hit": 8,
             "max": [1, 10, -5], "min": [0, 9, -5],
         }
