@@ -286,32 +286,21 @@ class HiCache(PrefetchMixin):
         if not key:
             return InsertResult(0, False)
 
-        ps = self.page_size
         now = self._tick()
         node, pos, cached, touched = self.root, 0, 0, []
-        while pos < len(key):
-            child = node.children.get(key[pos : pos + ps])
-            if child is None:
-                break
-            m = match_length(child.key, key[pos:], ps)
-            if m < len(child.key):
-                child = self._split(child, m)
-            child.last_access = now
+        for child, start, m in self._descend(self.root, key, now):
             if child.value is not None:
                 child.hit_count += 1
-                cached = pos + m
+                cached = start + m
             elif child.id in self._busy:  # a load-back is bringing it: take nothing
                 return InsertResult(len(key), False)
             else:  # host-only or data-less: the caller's fresh KV makes it device-resident again
-                self._adopt(child, device_indices[pos : pos + m])
+                self._adopt(child, device_indices[start : start + m])
             touched.append(child)
-            node, pos = child, pos + m
+            node, pos = child, start + m
         if pos < len(key):
             parent_hash = node.hashes[-1] if node.hashes else ROOT_HASH
-            leaf = TreeNode(key[pos:], node, page_hashes(parent_hash, key[pos:], ps))
-            leaf.last_access = now
-            node.children[leaf.key[:ps]] = leaf
-            self._nodes[leaf.id] = leaf
+            leaf = self._add_leaf(node, key[pos:], page_hashes(parent_hash, key[pos:], self.page_size), now)
             self._adopt(leaf, device_indices[pos:])
             touched.append(leaf)
             node = leaf
@@ -328,6 +317,28 @@ class HiCache(PrefetchMixin):
         else:
             self._maybe_backup_selective(touched)
         return InsertResult(cached, used)
+
+    def _descend(self, node: TreeNode, key: tuple[int, ...], now: int):
+        """Walk `key` down from `node`, splitting the node it ends inside and stamping each node
+        passed; yields (node, offset of its key in `key`, its length)."""
+        ps, pos = self.page_size, 0
+        while pos < len(key):
+            child = node.children.get(key[pos : pos + ps])
+            if child is None:
+                return
+            m = match_length(child.key, key[pos:], ps)
+            if m < len(child.key):
+                child = self._split(child, m)
+            child.last_access = now
+            yield child, pos, m
+            node, pos = child, pos + m
+
+    def _add_leaf(self, parent: TreeNode, key: tuple[int, ...], hashes: list[int], now: int) -> TreeNode:
+        leaf = TreeNode(key, parent, hashes)
+        leaf.last_access = now
+        parent.children[key[: self.page_size]] = leaf
+        self._nodes[leaf.id] = leaf
+        return leaf
 
     def _adopt(self, node: TreeNode, indices: torch.Tensor) -> None:
         node.value = indices

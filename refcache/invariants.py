@@ -226,7 +226,8 @@ def _owners(s: Snapshot) -> dict[str, Counter]:
 
 
 def r1_slots(s: Snapshot) -> list[Violation]:
-    """Each slot is free or owned by exactly one node, op or caller; free + owned = capacity."""
+    """Each slot is free or owned by exactly one node, op or caller; free + owned = capacity; L3
+    holds no more pages than its capacity."""
     v = []
     for name, owned in _owners(s).items():
         p = s.pools[name]
@@ -238,6 +239,9 @@ def r1_slots(s: Snapshot) -> list[Violation]:
                                      f"owned but not allocated {sorted(set(owned) - set(p.allocated_pages))}"))
         if set(p.free_pages) & set(p.allocated_pages) or len(p.free_pages) + len(p.allocated_pages) != p.capacity // p.page_size:
             v.append(Violation("R1", f"{p.name}: free and allocated pages do not partition the pool"))
+    for name, (stored, capacity) in s.storage.items():
+        if capacity is not None and not 0 <= stored <= capacity:
+            v.append(Violation("R1", f"{name}: {stored} pages stored, capacity {capacity}"))
     if s.sidecar == "swa":
         used = sum(len(n.key) for n in _non_root(s) if n.swa)
         loading = sum(len(s.nodes[nid].key) for op in s.ops if op.kind == "load" for nid in op.swa_nodes if nid in s.nodes)

@@ -18,7 +18,7 @@ import torch
 from .config import PrefetchPolicy
 from .errors import InvalidAnchorError, PoolExhaustedError, UnknownOperationError
 from .node import TreeNode
-from .pages import ROOT_HASH, match_length, page_hashes, prefetch_length
+from .pages import ROOT_HASH, page_hashes, prefetch_length
 from .pools import INDEX_DTYPE
 from .tp import agree_hit_length, agree_termination
 from .transfer import CopyJob, Operation, OpKind, OpState, PartStatus, PoolTransfer
@@ -204,29 +204,23 @@ class PrefetchMixin:
         ps = self.page_size
         key = pf.key[: n_pages * ps]
         node, pos, now = anchor, 0, self._tick()
-        while pos < len(key):
-            child = node.children.get(key[pos:pos + ps])
-            if child is None:
-                break
-            m = match_length(child.key, key[pos:], ps)
-            if m < len(child.key):
-                child = self._split(child, m)
-            child.last_access = now
-            node, pos = child, pos + m
+        for child, start, m in self._descend(anchor, key, now):
+            slots = pf.host[start:start + m]
+            if child.value is None and child.host_value is None:  # data-less interior: it takes the pages
+                child.host_value = slots
+                child.swa_host = self.config.sidecar == "swa"
+                self.book.touch(child)
+            else:
+                self._free_host_slots(slots)  # the tree already holds these pages
+            node, pos = child, start + m
         if not key:
             return None
         if pos < len(key):
-            leaf = TreeNode(key[pos:], node, pf.hashes[pos // ps:n_pages])
+            leaf = self._add_leaf(node, key[pos:], pf.hashes[pos // ps:n_pages], now)
             leaf.host_value = pf.host[pos:len(key)]
             leaf.swa_host = self.config.sidecar == "swa"
-            leaf.last_access = now
-            node.children[leaf.key[:ps]] = leaf
-            self._nodes[leaf.id] = leaf
             self.book.touch(leaf)
-            self._free_host_slots(pf.host[:pos])  # duplicates of what the tree already had
             node = leaf
-        else:
-            self._free_host_slots(pf.host[:pos])
         pf.handed = n_pages
         return node
 

@@ -94,6 +94,7 @@ class Snapshot:
     derived_device_leaves: frozenset[int]
     derived_host_leaves: frozenset[int]
     executor_pending: frozenset[int]
+    storage: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # name -> (pages stored, capacity)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -182,4 +183,6 @@ def take_snapshot(cache: HiCache, with_data: bool = False) -> Snapshot:
         sizes={k: v for k, v in cache.book.sizes.items() if v},
         derived_sizes={k: v for k, v in derived.items() if v},
         derived_device_leaves=frozenset(dev_leaves), derived_host_leaves=frozenset(host_leaves),
-        executor_pending=frozenset(cache.executor.pending_ops()))
+        executor_pending=frozenset(cache.executor.pending_ops()),
+        storage={name: (len(st), st.capacity) for name, st in (("L3 KV", cache.storage), ("L3 mamba", cache.state_storage))
+                 if st is not None})
