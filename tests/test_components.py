@@ -8,49 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import NO_AUTO_BACKUP, A, B, C, D, attached, insert_request, mamba_cache, node_at, settle
 
 from refcache import CacheConfig, DeterministicExecutor, HiCache, InvalidAnchorError, RefCacheError
-from refcache.data import node_data_ok, pages_ok, write_request
+from refcache.data import node_data_ok, pages_ok
 
-PS = 4
-A, B, C, D = [1] * PS, [2] * PS, [3] * PS, [4] * PS
-NO_AUTO_BACKUP = {"write_policy": "write_through_selective", "backup_after_hits": 1000}
-
-
-def put(cache, tokens):
-    """Write `tokens` like a forward pass would, insert them, and free what the tree did not take."""
-    idx, slot = write_request(cache, tokens)
-    res = cache.insert(tokens, idx, slot)
-    if res.cached_len:
-        cache.free_device(idx[: res.cached_len])
-    if slot is not None and not res.mamba_slot_used:
-        cache.free_mamba(slot)
-    return res, idx, slot
-
-
-def node_at(cache, tokens):
-    """The attached node whose path from the root spells exactly `tokens`."""
-    for n in cache.nodes():
-        path = []
-        for m in n.path_to_root():
-            path = list(m.key) + path
-        if path == list(tokens):
-            return n
-    raise AssertionError(f"no node for {tokens}")
-
-
-def attached(cache, node):
-    return any(n is node for n in cache.nodes())
-
-
-def settle(cache):
-    """Complete every pending part and acknowledge everything."""
-    cache.executor.complete_all()
-    return cache.poll()
-
-
-def mamba_cache(make_cache, **kw):
-    return make_cache(components=("full", "mamba"), **{**NO_AUTO_BACKUP, **kw})
+put = insert_request
 
 
 # ================================================================================== mamba

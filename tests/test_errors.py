@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import insert_request, settle
 
 from refcache import (
     CacheConfig,
@@ -33,19 +34,9 @@ T = [10, 11, 12, 13]
 
 
 def put(cache, tokens):
-    """Write KV for `tokens`, insert it and free the caller's share; returns the end node."""
-    idx, slot = write_request(cache, tokens)
-    res = cache.insert(tokens, idx, slot)
-    if res.cached_len:
-        cache.free_device(idx[: res.cached_len])
-    if slot is not None and not res.mamba_slot_used:
-        cache.free_mamba(slot)
+    """insert_request, returning the node the tokens end at."""
+    insert_request(cache, tokens)
     return cache.match_prefix(tokens).last_host_node
-
-
-def settle(cache):
-    cache.executor.complete_all()
-    cache.poll()
 
 
 def raises_unchanged(cache, error, fn, *args, **kwargs):

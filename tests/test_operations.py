@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import insert_request, settle
 
 from refcache import InvalidAnchorError, InvalidIndicesError, OpKind, OpState
-from refcache.data import node_data_ok, pages_ok, write_request
+from refcache.data import node_data_ok, pages_ok
 
 SMALL = dict(page_size=2, device_tokens=16, host_tokens=32)
 NO_BACKUP = dict(SMALL, write_policy="write_through_selective", backup_after_hits=1000)  # never backs up
@@ -22,22 +23,9 @@ T = [10, 11, 12, 13, 14, 15, 16, 17]  # four pages of two tokens
 
 
 def put(cache, tokens, keep_duplicates=False):
-    """Write KV for `tokens` as a forward pass would and insert it; returns (indices, InsertResult).
-
-    Unless `keep_duplicates`, the caller's share (indices[:cached_len], an unused state slot) is freed."""
-    idx, slot = write_request(cache, tokens)
-    res = cache.insert(tokens, idx, slot)
-    if slot is not None and not res.mamba_slot_used:
-        cache.free_mamba(slot)
-    if not keep_duplicates and res.cached_len:
-        cache.free_device(idx[: res.cached_len])
+    """insert_request, returning (indices, InsertResult)."""
+    res, idx, _ = insert_request(cache, tokens, keep_duplicates)
     return idx, res
-
-
-def settle(cache):
-    """Complete every pending part and acknowledge; returns the finished operations."""
-    cache.executor.complete_all()
-    return cache.poll()
 
 
 def find(cache, tokens):
