@@ -855,18 +855,26 @@ class HiCache(PrefetchMixin):
                 self._drop_device(node)
                 self._cascade(node)
 
+    def _owned_slots(self, op: Operation) -> list[tuple[str, torch.Tensor]]:
+        """(pool name, slots) an in-flight op owns: the destinations it writes before handing them
+        to nodes (R1 counts them; a failed op frees them)."""
+        if op.kind is OpKind.BACKUP:
+            return ([("host_kv", s.host) for s in op.segments]
+                    + [("host_state", t.host_indices) for t in op.pool_transfers])
+        if op.kind is OpKind.LOAD:
+            return ([("device_kv", s.device) for s in op.segments]
+                    + [("device_state", t.device_indices) for t in op.pool_transfers])
+        if op.kind is OpKind.PREFETCH:
+            return ([("host_kv", self.prefetch_owned_host(op))]
+                    + [("host_state", t.host_indices) for t in op.pool_transfers])
+        return []
+
     def _release(self, op: Operation, state: OpState) -> None:
         """Free every slot `op` allocated and drop its lock and host reference."""
-        if op.kind is OpKind.BACKUP:
-            for s in op.segments:
-                self.host_kv.allocator.free(s.host)
-            for t in op.pool_transfers:
-                self.host_state.allocator.free(t.host_indices)
-        else:
-            for s in op.segments:
-                self.device_kv.allocator.free(s.device)
-            for t in op.pool_transfers:
-                self.device_state.allocator.free(t.device_indices)
+        pools = {"device_kv": self.device_kv, "host_kv": self.host_kv,
+                 "device_state": self.device_state, "host_state": self.host_state}
+        for name, slots in self._owned_slots(op):
+            pools[name].allocator.free(slots)
         self._finish(op, state)
         self.book.touch(*[s.node for s in op.segments])
         for s in op.segments:

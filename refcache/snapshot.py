@@ -105,22 +105,6 @@ class Snapshot:
         return [self.nodes[c] for _, c in self.nodes[node_id].children if c in self.nodes]
 
 
-def _owned(cache: HiCache, op) -> tuple:
-    """Slots an in-flight op holds: the destinations it writes before handing them over."""
-    kind = op.kind.value
-    out = []
-    if kind == "backup":
-        out += [("host_kv", _slots(s.host)) for s in op.segments]
-        out += [("host_state", _slots(t.host_indices)) for t in op.pool_transfers]
-    elif kind == "load":
-        out += [("device_kv", _slots(s.device)) for s in op.segments]
-        out += [("device_state", _slots(t.device_indices)) for t in op.pool_transfers]
-    elif kind == "prefetch":
-        out.append(("host_kv", _slots(cache.prefetch_owned_host(op))))
-        out += [("host_state", _slots(t.host_indices)) for t in op.pool_transfers]
-    return tuple(out)
-
-
 def take_snapshot(cache: HiCache, with_data: bool = False) -> Snapshot:
     from . import data as data_mod
 
@@ -162,7 +146,7 @@ def take_snapshot(cache: HiCache, with_data: bool = False) -> Snapshot:
             anchor=None if op.anchor is None else op.anchor.id,
             swa_nodes=tuple(n.id for n in op.swa_nodes),
             parts=tuple((p, st[p].value if p in st else "unknown") for p in op.parts),
-            state=op.state.value, owned=_owned(cache, op), kv_parts=len(op.kv_parts),
+            state=op.state.value, owned=tuple((pool, _slots(t)) for pool, t in cache._owned_slots(op)), kv_parts=len(op.kv_parts),
             aborted=bool(op.prefetch is not None and op.prefetch.aborted)))
     pools = {}
     for key, pool in (("device_kv", cache.device_kv), ("host_kv", cache.host_kv),
