@@ -13,6 +13,9 @@ import heapq
 import torch
 
 from .errors import InvalidIndicesError
+from .kernels import PageGeometry, copy_pages, page_runs
+
+__all__ = ["INDEX_DTYPE", "KVPool", "PageAllocator", "StatePool", "canonical_device", "copy_kv", "page_runs"]
 
 INDEX_DTYPE = torch.int64
 """dtype of every slot-index tensor the cache stores or accepts."""
@@ -24,17 +27,6 @@ def canonical_device(device: torch.device | str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
-
-
-def page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive page numbers: (offset in `pages`, first page, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for i, p in enumerate(pages):
-        if runs and runs[-1][1] + runs[-1][2] == p:
-            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-        else:
-            runs.append((i, p, 1))
-    return runs
 
 
 class PageAllocator:
@@ -122,7 +114,11 @@ class PageAllocator:
 
 
 class KVPool:
-    """Per-token KV of every layer on one tier, with the allocator for its slots."""
+    """Per-token KV of every layer on one tier, with the allocator for its slots.
+
+    Every copy in or out goes through `refcache.kernels.copy_pages`, which knows both layouts:
+    on CUDA it is asynchronous on the current stream (Triton gather/scatter reading and writing
+    pinned host memory in place); on CPU it is plain indexing."""
 
     def __init__(self, name: str, capacity: int, page_size: int, num_layers: int, num_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device, page_first: bool,
@@ -135,44 +131,59 @@ class KVPool:
         else:
             shape = (num_layers, 2, capacity, num_heads, head_dim)
         self.data = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin)
+        self.pinned = pin
+        self.geometry = PageGeometry.of(self.data, page_size, page_first)
+        self.page_shape = (num_layers, 2, page_size, num_heads, head_dim)
+
+    def page_numbers(self, slots: torch.Tensor) -> torch.Tensor:
+        """Page numbers of page-aligned slot indices (no validation; callers pass pool slots)."""
+        ps = self.page_size
+        return slots.view(-1, ps)[:, 0] // ps
+
+    def _staging_side(self, pages: torch.Tensor) -> tuple[torch.Tensor, PageGeometry, torch.Tensor]:
+        """A [pages, layers, 2, page_size, heads, dim] tensor as a copy endpoint."""
+        pages = pages.contiguous()
+        arange = torch.arange(pages.shape[0], dtype=torch.int64, device=pages.device)
+        return pages, PageGeometry.of(pages, self.page_size, page_first=True), arange
 
     def read_pages(self, slots: torch.Tensor) -> torch.Tensor:
-        """Copy of the pages at `slots` as [pages, layers, 2, page_size, heads, dim]."""
-        ps = self.page_size
-        pages = slots.view(-1, ps)[:, 0] // ps
-        if self.page_first:
-            return self.data[pages.to(self.data.device)]
-        sel = self.data[:, :, slots.to(self.data.device)]  # [L, 2, n, H, D]
-        L, two, n, H, D = sel.shape
-        return sel.view(L, two, n // ps, ps, H, D).permute(2, 0, 1, 3, 4, 5).contiguous()
+        """Copy of the pages at `slots` as [pages, layers, 2, page_size, heads, dim], on this pool's
+        device (asynchronous on the current stream when that is CUDA)."""
+        out = torch.empty((slots.numel() // self.page_size, *self.page_shape), dtype=self.data.dtype,
+                          device=self.data.device)
+        out_t, out_g, out_p = self._staging_side(out)
+        copy_pages(self.data, self.geometry, self.page_numbers(slots), out_t, out_g, out_p)
+        return out
 
     def write_pages(self, slots: torch.Tensor, pages: torch.Tensor) -> None:
-        """Store `pages` ([pages, layers, 2, page_size, heads, dim]) at `slots`.
+        """Store `pages` ([pages, layers, 2, page_size, heads, dim], any device) at `slots`.
 
-        From another device into the page-first (pinned) pool, each run of consecutive pages is
-        one asynchronous `copy_` straight into its destination: a CPU-side scatter would run
-        before an in-flight device-to-host copy had landed."""
-        ps = self.page_size
-        if self.page_first:
-            dst = (slots.view(-1, ps)[:, 0] // ps).to(self.data.device)
-            if pages.device != self.data.device:
-                for i, p0, k in page_runs(dst.tolist()):
-                    self.data[p0 : p0 + k].copy_(pages[i : i + k], non_blocking=True)
-            else:
-                self.data[dst] = pages
-            return
-        pages = pages.to(self.data.device, non_blocking=True)
-        n, L, two, _, H, D = pages.shape
-        self.data[:, :, slots.to(self.data.device)] = pages.permute(1, 2, 0, 3, 4, 5).reshape(L, two, n * ps, H, D)
-
+        A CUDA source lands in a pinned pool in place and asynchronously (a CPU-side scatter
+        would run before an in-flight device-to-host copy had landed); pageable sources are
+        moved to the pool's device first."""
+        dev = self.data.device
+        if pages.device != dev and not (pages.is_cuda and self.pinned):
+            pages = pages.to(dev, non_blocking=pages.is_pinned())
+        src, src_g, src_p = self._staging_side(pages.to(self.data.dtype))
+        copy_pages(src, src_g, src_p, self.data, self.geometry, self.page_numbers(slots))
 
     def fill_pages(self, slots: torch.Tensor, value: float) -> None:
         """Overwrite the pages at `slots` with `value` (poisoning before an async write)."""
-        ps = self.page_size
-        if self.page_first:
-            self.data[(slots.view(-1, ps)[:, 0] // ps).to(self.data.device)] = value
-        else:
-            self.data[:, :, slots.to(self.data.device)] = value
+        pages = self.page_numbers(slots).to(self.data.device, torch.int64)
+        self.geometry.paged_view(self.data).index_fill_(0, pages, value)
+
+
+def copy_kv(src: KVPool, src_slots: torch.Tensor, dst: KVPool, dst_slots: torch.Tensor) -> None:
+    """The KV copy of one operation: every page at `src_slots`, every layer, to `dst_slots`.
+
+    One gather/scatter between the two layouts with no staging: on CUDA a single asynchronous
+    launch on the current stream that reads or writes the pinned host pool in place. Same
+    semantics as `dst.write_pages(dst_slots, src.read_pages(src_slots))`."""
+    if src.page_shape != dst.page_shape:
+        raise InvalidIndicesError(f"page shapes differ: {src.page_shape} vs {dst.page_shape}")
+    if src_slots.numel() != dst_slots.numel():
+        raise InvalidIndicesError(f"{src_slots.numel()} source slots but {dst_slots.numel()} destination slots")
+    copy_pages(src.data, src.geometry, src.page_numbers(src_slots), dst.data, dst.geometry, dst.page_numbers(dst_slots))
 
 
 class StatePool:

@@ -267,5 +267,17 @@ class CudaExecutor(Executor):
     def pending_ops(self) -> set[int]:
         return {i for i, evs in self._events.items() if not all(e.query() for e in evs.values())}
 
+    def pending_parts(self) -> list[tuple[int, str]]:
+        """(op id, part) for every part whose copies the GPU has not finished, in submission order."""
+        return [(i, p) for i, evs in self._events.items() for p, e in evs.items() if not e.query()]
+
+    def wait(self, op_id: int, part: str) -> None:
+        """Block until one part's copies are done (the GPU decides when)."""
+        self._events[op_id][part].synchronize()
+
+    def complete_all(self) -> None:
+        """Block until every submitted copy is done."""
+        self.stream.synchronize()
+
     def synchronize(self) -> None:
         self.stream.synchronize()
