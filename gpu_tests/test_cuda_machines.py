@@ -1,20 +1,24 @@
 """The stateful machines (stateful_tests/machines.py) on device='cuda' with the CUDA executor.
 
-Copies run for real: Triton gather/scatter on a copy stream, pinned L2, CUDA events. The GPU
-decides when each copy finishes; the machine only *observes* completion. The executor here
-latches what it has observed (`SampledCudaExecutor`): a part reads as done from the moment an
-observation first saw its event fire, so the cache and the model see one consistent status
-within a step while the order and the moment of completion stay the GPU's. Destinations are
-poisoned before each copy, so data read before its copy landed fails the data oracle, which
-runs on every page of every node after every step (snapshot(with_data=True) in the base).
+Copies run for real: Triton gather/scatter on a copy stream, pinned L2, CUDA events. The
+executor here (`LatchedCudaExecutor`) reports a part done only once the machine has asked for
+it and its CUDA event has fired: the base machine's completion rules (finish_part, finish_op,
+kv_first, settle, and whatever it grows) call `complete`, `fail` and `complete_all`, which on
+the GPU mean "block on that part's event, then report it done" and "block on it, then report it
+failed" (a copy that landed but whose transfer reported an error: the cache must discard it).
+So every base rule keeps its meaning on real hardware, and the cache sees each part's status
+change only at a step the machine chose, which keeps the run replayable: Hypothesis refuses
+runs whose enabled rules depend on timing (FlakyStrategyDefinition), which is what reading the
+events' live state at each step gave (seen on the H100). The GPU's own timing is exercised by
+`gpu_stall`, which keeps the copy stream busy for milliseconds so that later copies are really
+in flight while the next steps and their data checks run (counted as `completed_while_in_flight`:
+parts the machine completed while the GPU was still copying them), and by the random walks of
+test_cuda_path.py, which poll the live events.
 
-The base machine's completion rules (finish_part, finish_op, kv_first, settle, and whatever it
-grows) drive the executor through `complete`, `fail` and `complete_all`; on the GPU these mean
-"wait for that part's event, then observe it" and "wait for it, then report it failed" (a copy
-that landed but whose transfer reported an error: the cache must discard it). So every base
-rule keeps its meaning on real hardware, and `gpu_sample` adds the GPU's own order: observe
-whatever has finished by now. (Dropping a base rule instead would take overriding it with a
-plain attribute: Hypothesis collects rules by attribute lookup; the first test checks that.)
+Destinations are poisoned before each copy, so data read before its copy landed fails the data
+oracle, which runs on every page of every node after every step (snapshot(with_data=True)).
+(Dropping a base rule would take overriding it with a plain attribute: Hypothesis collects rules
+by attribute lookup; the first test checks that.)
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from collections import Counter
 
 import pytest
 import torch
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule, run_state_machine_as_test
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, rule, run_state_machine_as_test
 
 from models.abstract import Allowed
 from refcache.transfer import CopyJob, CudaExecutor, Operation, PartStatus
@@ -33,17 +38,19 @@ from stateful_tests.machines import MACHINES, CacheMachine
 from stateful_tests.profiles import current
 
 EXAMPLES = int(os.environ.get("REFCACHE_GPU_EXAMPLES", "30"))
+STALL_HZ = 1.5e9  # torch.cuda._sleep counts clock cycles; roughly the SM clock
 STATS_FILE = os.environ.get("REFCACHE_GPU_STATS")  # where each run appends its counts (JSON lines)
 
 
-class SampledCudaExecutor(CudaExecutor):
-    """CudaExecutor whose statuses change only when observed; poisons destinations on submit."""
+class LatchedCudaExecutor(CudaExecutor):
+    """CudaExecutor whose parts read as done only once completed through it (after their events
+    fired); poisons destinations on submit."""
 
-    totals: Counter = Counter()  # over all instances: parts submitted, parts seen still running
+    totals: Counter = Counter()  # over all instances: parts submitted, parts completed while in flight
 
     def __init__(self, device):
         super().__init__(device)
-        self._seen: dict[int, set[str]] = {}  # op id -> parts observed finished
+        self._seen: dict[int, set[str]] = {}  # op id -> parts reported finished
         self._reported_failed: dict[int, set[str]] = {}
 
     def submit(self, op: Operation, jobs: list[CopyJob]) -> None:
@@ -54,34 +61,25 @@ class SampledCudaExecutor(CudaExecutor):
         self.totals["parts_submitted"] += len(jobs)
         super().submit(op, jobs)
 
-    def sample(self) -> None:
-        """Observe every part whose event has fired by now."""
-        for op_id, p in self.pending_parts():
-            if self._events[op_id][p].query():
-                self._seen[op_id].add(p)
-            else:
-                self.totals["parts_still_running_when_sampled"] += 1
-
-    def _pending(self, op_id: int, part: str) -> None:
+    def _finish(self, op_id: int, part: str) -> None:
         if op_id not in self._seen or part not in self._events[op_id] or part in self._seen[op_id]:
             raise KeyError(f"part {part!r} of operation {op_id} is not pending")
+        if not self._events[op_id][part].query():
+            self.totals["completed_while_in_flight"] += 1
+        self.wait(op_id, part)
+        self._seen[op_id].add(part)
 
     def complete(self, op_id: int, part: str | None = None) -> None:
-        """Wait for one pending part (or every pending part of the op) on the GPU, then observe it."""
+        """Block until one pending part (or every pending part of the op) is done on the GPU."""
         if op_id not in self._seen:
             raise KeyError(f"no operation {op_id} in the executor")
-        parts = [part] if part is not None else [p for i, p in self.pending_parts() if i == op_id]
-        for p in parts:
-            self._pending(op_id, p)
-            self.wait(op_id, p)
-            self._seen[op_id].add(p)
+        for p in [part] if part is not None else [p for i, p in self.pending_parts() if i == op_id]:
+            self._finish(op_id, p)
 
     def fail(self, op_id: int, part: str = "kv") -> None:
         """Report one pending part failed, once its copy has stopped touching memory."""
-        self._pending(op_id, part)
-        self.wait(op_id, part)
+        self._finish(op_id, part)
         self._reported_failed.setdefault(op_id, set()).add(part)
-        self._seen[op_id].add(part)
 
     def status(self, op_id: int) -> dict[str, PartStatus]:
         live = super().status(op_id)
@@ -96,8 +94,8 @@ class SampledCudaExecutor(CudaExecutor):
         return {i for i, _ in self.pending_parts()}
 
     def complete_all(self) -> None:
-        super().complete_all()
-        self.sample()
+        for op_id, p in self.pending_parts():
+            self._finish(op_id, p)
 
     def forget(self, op_id: int) -> None:
         super().forget(op_id)
@@ -106,7 +104,7 @@ class SampledCudaExecutor(CudaExecutor):
 
 
 class CudaRules(RuleBasedStateMachine):
-    """Mixed in before a CacheMachine: the CUDA executor, and a rule that observes the GPU."""
+    """Mixed in before a CacheMachine: the CUDA executor, and a rule that stalls the GPU."""
 
     steps = 0
 
@@ -115,18 +113,20 @@ class CudaRules(RuleBasedStateMachine):
         dev = self.cache.config.torch_device
         assert dev.type == "cuda", "run with REFCACHE_DEVICE=cuda"
         assert not self.cache.ops
-        self.cache.executor = SampledCudaExecutor(dev)
+        self.cache.executor = LatchedCudaExecutor(dev)
 
     def _step(self, what, allowed, check=None):
         type(self).steps += 1
         return super()._step(what, allowed, check)
 
-    @precondition(lambda self: self.cache.executor.pending_parts())
-    @rule()
-    def gpu_sample(self):
-        """Observe whatever the GPU has finished by now, in its own order."""
-        self.cache.executor.sample()
-        self._step("sample events", Allowed())
+    @rule(ms=st.sampled_from([1, 5, 20]))
+    def gpu_stall(self, ms):
+        """Keep the copy stream busy for a while, so the next copies are really in flight when the
+        following steps run (without it, these tiny copies finish before any step can look)."""
+        ex = self.cache.executor
+        with torch.cuda.stream(ex.stream):
+            torch.cuda._sleep(int(ms * 1e-3 * STALL_HZ))
+        self._step(f"stall copy stream {ms} ms", Allowed())
 
 
 CUDA_MACHINES: dict[str, type[CacheMachine]] = {
@@ -137,13 +137,13 @@ def _rule_names(cls) -> set[str]:
     return {r.function.__name__ for r in cls.setup_state().rules}
 
 
-def test_cuda_machines_keep_every_base_rule_and_add_gpu_sample():
+def test_cuda_machines_keep_every_base_rule_and_add_gpu_stall():
     """Hypothesis collects rules by attribute lookup on the class: the CUDA machines have every
-    rule of their base plus gpu_sample, and a plain attribute would drop a rule (runs without CUDA)."""
+    rule of their base plus gpu_stall, and a plain attribute would drop a rule (runs without CUDA)."""
     for name, cls in CUDA_MACHINES.items():
         base = _rule_names(MACHINES[name])
         assert {"finish_part", "finish_op", "settle"} <= base
-        assert _rule_names(cls) == base | {"gpu_sample"}, name
+        assert _rule_names(cls) == base | {"gpu_stall"}, name
     dropped = type("Dropped", (CUDA_MACHINES["full/write_through"],), {"finish_part": None})
     assert "finish_part" not in _rule_names(dropped)
 
@@ -156,11 +156,11 @@ def test_machine_on_cuda(name, monkeypatch):
     monkeypatch.setenv("REFCACHE_DEVICE", "cuda")
     cls = CUDA_MACHINES[name]
     cls.steps = 0
-    SampledCudaExecutor.totals.clear()
+    LatchedCudaExecutor.totals.clear()
     run_state_machine_as_test(cls, settings=current(max_examples=EXAMPLES))
-    line = {"machine": name, "examples": EXAMPLES, "steps": cls.steps, **SampledCudaExecutor.totals}
+    line = {"machine": name, "examples": EXAMPLES, "steps": cls.steps, **LatchedCudaExecutor.totals}
     print(json.dumps(line))
     if STATS_FILE:
         with open(STATS_FILE, "a") as f:
             f.write(json.dumps(line) + "\n")
-    assert cls.steps > 0 and SampledCudaExecutor.totals["parts_submitted"] > 0
+    assert cls.steps > 0 and LatchedCudaExecutor.totals["parts_submitted"] > 0
