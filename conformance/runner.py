@@ -1,0 +1,236 @@
+"""Run the conformance machine against a target for a time budget: `run_target`, and its CLI.
+
+    python -m conformance.runner --target sglang-radix --budget 30 [--seed 0] [--json]
+    python -m conformance.runner --all --budget 20
+
+A process can hold one sglang version, so a target needing a version other than the one this
+process has loaded runs in a child process (same function, JSON back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, replace
+
+from hypothesis import HealthCheck, settings
+from hypothesis import seed as hseed
+from hypothesis.internal.conjecture import engine
+from hypothesis.reporting import with_reporter
+from hypothesis.stateful import get_state_machine_test
+
+from . import shim
+from .machine import ConformanceMachine, format_calls, machine_for, minimize, replay
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    factory: str  # "module:function" inside conformance
+    sglang: str | None = None
+    what: str = ""
+    page_size: int = 2
+
+
+TARGETS: dict[str, TargetSpec] = {
+    "refcache": TargetSpec("refcache_target:refcache_full", None, "refcache, full only, device-only usage, page 2"),
+    "refcache-mamba": TargetSpec("refcache_target:refcache_mamba", None, "refcache, full+mamba, device-only, page 1", 1),
+    "refcache-hicache": TargetSpec("refcache_target:refcache_hicache", None, "refcache HiCache, write-through, page 2"),
+    "sglang-radix": TargetSpec("sglang_targets:SGLangRadix", "0.5.23", "SGLang RadixCache 0.5.23, page 2"),
+    "sglang-unified-python": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
+                                        "SGLang UnifiedRadixCache 0.5.23 (FULL), Python tree core, page 2"),
+    "sglang-unified-rust": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
+                                      "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2"),
+    "sglang-mamba": TargetSpec("sglang_targets:SGLangMamba", "0.5.17", "SGLang MambaRadixCache 0.5.17, page 1", 1),
+}
+
+
+def target_names() -> list[str]:
+    return list(TARGETS)
+
+
+def unavailable_reason(name: str) -> str:
+    """'' when `name` can run here, else why not (one sentence)."""
+    spec = TARGETS[name]
+    if spec.sglang is None:
+        return ""
+    return shim.missing_reason(spec.sglang)
+
+
+def available_targets() -> list[str]:
+    return [n for n in TARGETS if not unavailable_reason(n)]
+
+
+def make_factory(name: str):
+    spec = TARGETS[name]
+    mod_name, fn = spec.factory.split(":")
+    mod = importlib.import_module(f"conformance.{mod_name}")
+    obj = getattr(mod, fn)
+    if name.startswith("sglang-unified-"):
+        core = name.rsplit("-", 1)[1]
+        return lambda: obj(core)
+    return obj
+
+
+def machine(name: str) -> type[ConformanceMachine]:
+    return machine_for(make_factory(name), name)
+
+
+def _settings(examples: int, steps: int) -> settings:
+    return settings(max_examples=examples, stateful_step_count=steps, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                           HealthCheck.data_too_large], print_blob=False)
+
+
+def _run_here(name: str, budget_s: float, seed: int | None, steps_per_example: int = 40) -> dict:
+    cls = machine(name)
+    cls.steps_run = 0
+    s = random.randrange(2**32) if seed is None else seed
+    first_seed = s
+    deadline = time.monotonic() + budget_s
+    examples = 0
+    t0 = time.monotonic()
+    report = None
+    # Shrinking is capped (Hypothesis' own cap is 300 s), so a bounded run stays bounded.
+    engine.MAX_SHRINKING_SECONDS = int(os.environ.get("CONFORMANCE_SHRINK_S", min(120, max(45, budget_s))))
+    while time.monotonic() < deadline and report is None:
+        out = io.StringIO()
+        test = hseed(s)(get_state_machine_test(cls, settings=_settings(10, steps_per_example)))
+        try:
+            with with_reporter(lambda m, out=out: out.write(str(m) + "\n")):
+                test()
+        except Exception as e:  # a disagreement, a crash inside the target, or a flaky replay
+            report = f"target {name}, seed {s}:\n" + describe(e) + out.getvalue()
+            small = minimize(cls, list(cls.last_calls)) if cls.last_calls else None
+            if small is not None:
+                calls, err = small
+                report = (f"target {name}, seed {s}: minimized to {len(calls)} operations (replayable with "
+                          f"conformance.machine.replay):\n{format_calls(calls)}\n{type(err).__name__}: {err}\n\n"
+                          f"--- as Hypothesis reported it:\n{report}")
+        examples += 10
+        s += 1
+    return {"target": name, "steps": cls.steps_run, "violations": 0 if report is None else 1,
+            "failure_report": report, "seed": first_seed, "examples": examples,
+            "elapsed_s": round(time.monotonic() - t0, 2), "sglang": TARGETS[name].sglang}
+
+
+def describe(e: BaseException) -> str:
+    """Each failure Hypothesis found: its error and its minimized steps (the exception notes)."""
+    errs = list(getattr(e, "exceptions", None) or [e])  # an ExceptionGroup when Hypothesis found several
+    parts = []
+    for i, x in enumerate(errs, 1):
+        tb = traceback.extract_tb(x.__traceback__)
+        where = next((f"{f.filename}:{f.lineno} in {f.name}" for f in reversed(tb) if "/sglang/" in f.filename
+                      or "/refcache/" in f.filename), None)
+        head = f"--- failure {i}/{len(errs)}: {type(x).__name__}: {x}" + (f"\n    (raised at {where})" if where else "")
+        notes = "\n".join(getattr(x, "__notes__", []))
+        parts.append(f"{head}\n{notes}\n")
+    return "\n".join(parts)
+
+
+def run_target(name: str, budget_s: float, seed: int | None = None) -> dict:
+    """Run the conformance machine against `name` for about `budget_s` seconds.
+
+    Returns {target, steps, violations, failure_report (str or None), seed, examples, elapsed_s,
+    sglang} — or the same with steps=0 and `skipped` (the reason) when the target's sglang
+    version is not installed. Stops at the first disagreement, after Hypothesis minimized it."""
+    if name not in TARGETS:
+        raise KeyError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
+    why = unavailable_reason(name)
+    if why:
+        return {"target": name, "steps": 0, "violations": 0, "failure_report": None, "skipped": why,
+                "sglang": TARGETS[name].sglang}
+    need = TARGETS[name].sglang
+    have = shim.loaded()
+    if need is not None and have is not None and have.version != need:
+        return _run_child(name, budget_s, seed)
+    return _run_here(name, budget_s, seed)
+
+
+def strict_machine(name: str) -> type[ConformanceMachine]:
+    """The machine for `name` with the target's allowances lifted: it judges what bounded runs skip."""
+    make = make_factory(name)
+
+    def strict():
+        t = make()
+        t.info = replace(t.info, allow=frozenset())
+        return t
+
+    return machine_for(strict, name)
+
+
+def replay_calls(name: str, calls: list, strict: bool = False) -> str | None:
+    """Replay recorded operations on target `name` (in a child process when this one holds another
+    sglang version); returns "ErrorType: message" for the disagreement or target error, or None."""
+    need, have = TARGETS[name].sglang, shim.loaded()
+    if need is not None and have is not None and have.version != need:
+        cmd = ["--replay", json.dumps(calls), "--target", name] + (["--strict"] if strict else [])
+        p = _child(cmd, 600)
+        out = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if not out:
+            raise RuntimeError(f"replay child failed (rc {p.returncode}): {p.stderr[-3000:]}")
+        return json.loads(out[-1])["error"]
+    err = replay(strict_machine(name) if strict else machine(name), [tuple(c) for c in calls])
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
+def _child(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "conformance.runner", *args], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=timeout)
+
+
+def _run_child(name: str, budget_s: float, seed: int | None) -> dict:
+    cmd = ["--target", name, "--budget", str(budget_s), "--json"]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    p = _child(cmd, budget_s + 600)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode not in (0, 1) or not lines:
+        return {"target": name, "steps": 0, "violations": 1, "sglang": TARGETS[name].sglang,
+                "failure_report": f"child process failed (rc {p.returncode}):\n{p.stderr[-4000:]}"}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m conformance.runner", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", action="append", choices=list(TARGETS), help="repeatable")
+    ap.add_argument("--all", action="store_true", help="every target that is installed here")
+    ap.add_argument("--budget", type=float, default=30.0, help="seconds per target")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="one JSON line per target")
+    ap.add_argument("--replay", help="a JSON list of recorded operations to replay on the one --target")
+    ap.add_argument("--strict", action="store_true", help="with --replay: lift the target's allowances")
+    a = ap.parse_args(argv)
+    if a.replay:
+        print(json.dumps({"error": replay_calls(a.target[0], json.loads(a.replay), a.strict)}))
+        return 0
+    names = (a.target or []) + (target_names() if a.all else [])
+    if not names:
+        ap.error("give --target NAME or --all")
+    bad = 0
+    for n in dict.fromkeys(names):
+        r = run_target(n, a.budget, a.seed)
+        bad += r["violations"]
+        if a.json:
+            print(json.dumps(r), flush=True)
+        else:
+            state = "skipped: " + r["skipped"] if "skipped" in r else \
+                ("DIVERGES" if r["violations"] else "agrees with the model")
+            print(f"{n:24} {r['steps']:>7} steps  {state}", flush=True)
+            if r.get("failure_report"):
+                print(r["failure_report"])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
