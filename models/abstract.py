@@ -45,7 +45,7 @@ class Page:
 @dataclass(frozen=True)
 class AbsOp:
     id: int
-    kind: str  # backup | load
+    kind: str  # backup | load | prefetch | store
     pages: frozenset  # page prefixes whose full KV it moves
     anchor: Prefix | None
     locked: Prefix | None
@@ -72,6 +72,12 @@ class Model:
 
     def device_leaf(self, p: Prefix) -> bool:
         return self.pages[p].dev and not any(self.pages[c].dev for c in self.children(p))
+
+    def dev_evictable(self, p: Prefix) -> bool:
+        """An unlocked device leaf that may lose its device KV: it demotes to its L2 copy, or,
+        with none, it is deleted, which a host reference forbids (T3)."""
+        g = self.pages[p]
+        return self.device_leaf(p) and g.lock == 0 and (g.host or g.host_ref == 0)
 
     def host_leaf(self, p: Prefix) -> bool:
         g = self.pages[p]
@@ -128,7 +134,28 @@ class Model:
         return p
 
     def busy(self) -> set:
-        return {q for op in self.ops.values() for q in op.pages | ({op.anchor} if op.anchor else set())}
+        """Pages a backup or load-back in flight works on (their values change on acknowledgement);
+        prefetch and storage writes only read or reference."""
+        return {q for op in self.ops.values() if op.kind in ("backup", "load")
+                for q in op.pages | ({op.anchor} if op.anchor else set())}
+
+    def host_evictable_tokens(self, anchor: Prefix) -> int:
+        """L2 tokens host eviction could free once `anchor`'s path is host-referenced: host-only
+        pages with no reference (their subtrees are host-only and unreferenced too)."""
+        path = set(self.page_prefixes(anchor))
+        return self.page_size * sum(1 for p, g in self.pages.items()
+                                    if g.host and not g.dev and g.host_ref == 0 and p not in path)
+
+    def predict_prefetch(self, stored: int, free_host: int, anchor: Prefix, threshold: int) -> int:
+        """Tokens a prefetch fetches when storage holds `stored` leading tokens past `anchor` and
+        L2 has `free_host` free: all of them if L2 can make room, else the page-aligned part that
+        fits (bug class 2 gives up instead); nothing below the threshold."""
+        floor = max(threshold, 1)
+        if stored < floor:
+            return 0
+        room = free_host + self.host_evictable_tokens(anchor)
+        n = stored if stored <= room else room - room % self.page_size
+        return n if n >= floor else 0
 
     # -------------------------------------------------------- state the model derives itself
     def wellformed(self, caller_locks: Counter) -> list[str]:
@@ -162,7 +189,7 @@ class Allowed:
     """What one step may change. Anything not allowed here is a disagreement with the model."""
 
     gain_dev: frozenset = frozenset()  # pages that may become device-resident (insert, load ack)
-    gain_host: frozenset = frozenset()  # pages that may gain L2 data (backup ack)
+    gain_host: frozenset = frozenset()  # pages that may gain L2 data (backup ack, prefetch termination)
     gain_side: frozenset = frozenset()  # pages that may gain a sidecar value (mamba/swa)
     evict_dev: bool = False  # unlocked device data (and device sidecar values) may go: eviction, cascades
     evict_host: bool = False  # unreferenced host data may go: host eviction, cascades
@@ -176,9 +203,9 @@ def frame(before: Model, after: Model, allowed: Allowed) -> list[str]:
     for p in set(before.pages) | set(after.pages):
         b, a = before.pages.get(p), after.pages.get(p)
         if b is None:
-            if p not in allowed.gain_dev:
+            if p not in allowed.gain_dev | allowed.gain_host:
                 v.append(f"{p}: appeared in a step that inserts nothing there")
-            continue
+            b = Page(False, False)
         a = a or Page(False, False)
         if a.dev and not b.dev and p not in allowed.gain_dev:
             v.append(f"{p}: gained device KV")
@@ -210,19 +237,19 @@ def _lost(before: Model, after: Model, tier: str) -> list[Prefix]:
 
 
 def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = True) -> list[str]:
-    """evict(n): freed = device tokens lost; stop only when n are freed or no unlocked device leaf
+    """evict(n): freed = device tokens lost; stop only when n are freed or no evictable device leaf
     is left; each chosen leaf is no more recent than any unlocked leaf that stayed (ties either way)."""
     v = []
     lost = _lost(before, after, "dev")
     if freed != before.page_size * len(lost):
         v.append(f"evict returned {freed} but {before.page_size * len(lost)} device tokens were freed")
-    left = [p for p in after.pages if after.device_leaf(p) and after.pages[p].lock == 0]
+    left = [p for p in after.pages if after.dev_evictable(p)]
     if freed < n and left:
-        v.append(f"evict({n}) freed {freed} but unlocked device leaves remain: {left[:3]}")
+        v.append(f"evict({n}) freed {freed} but evictable device leaves remain: {left[:3]}")
     if lru:
-        cands = [p for p in before.pages if before.device_leaf(p) and before.pages[p].lock == 0]
+        cands = [p for p in before.pages if before.dev_evictable(p)]
         chosen = [p for p in cands if p in lost]
-        stayed = [p for p in cands if p not in lost and after.pages.get(p, Page(0, 0)).lock == 0]
+        stayed = [p for p in cands if p not in lost and p in after.pages and after.dev_evictable(p)]
         for c in chosen:
             for s in stayed:
                 if before.pages[c].stamp > before.pages[s].stamp:

@@ -32,7 +32,7 @@ from .errors import (
 )
 from .node import TreeNode
 from .pages import ROOT_HASH, match_length, page_align, page_hashes
-from .pools import INDEX_DTYPE, KVPool, StatePool
+from .pools import INDEX_DTYPE, KVPool, StatePool, copy_kv
 from .prefetch import PrefetchMixin
 from .tp import RankGroup, SingleRank
 from .transfer import (
@@ -777,7 +777,7 @@ class HiCache(PrefetchMixin):
 
         def kv_run():
             if d_idx.numel():
-                dst.write_pages(d_idx, src.read_pages(s_idx))
+                copy_kv(src, s_idx, dst, d_idx)
 
         def kv_poison():
             if d_idx.numel():

@@ -8,6 +8,7 @@ is a function of the chain hash of the prefix it ends. Values are multiples of 1
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,9 +46,21 @@ def expected_state(prefix_hash: int, state_dim: int, dtype: torch.dtype) -> torc
     return (v.to(torch.float32) / 128 - 0.5).to(dtype)
 
 
+@lru_cache(maxsize=4096)
+def _expected_cached(hashes: tuple[int, ...], geometry: tuple) -> torch.Tensor:
+    """Checks recompute the same pages thousands of times a second; they are pure, so keep them."""
+    return expected_pages(hashes, *geometry)
+
+
+@lru_cache(maxsize=4096)
+def _expected_state_cached(prefix_hash: int, state_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return expected_state(prefix_hash, state_dim, dtype)
+
+
 def _expected_for(cache: HiCache, hashes: Sequence[int]) -> torch.Tensor:
+    """Read-only expected pages (shared between calls: never write into the result)."""
     c = cache.config
-    return expected_pages(hashes, c.num_layers, c.page_size, c.num_heads, c.head_dim, c.dtype)
+    return _expected_cached(tuple(hashes), (c.num_layers, c.page_size, c.num_heads, c.head_dim, c.dtype))
 
 
 def write_request(cache: HiCache, tokens: Sequence[int], evict: bool = True
@@ -92,7 +105,7 @@ def node_data_ok(cache: HiCache, node: TreeNode) -> tuple[bool, bool, bool]:
     if node.host_value is not None:
         host_ok = torch.equal(cache.host_kv.read_pages(node.host_value).cpu(), want)
     if node.mamba_value is not None or node.mamba_host is not None:
-        ws = expected_state(node.hashes[-1], cache.config.mamba_state_dim, cache.config.dtype)
+        ws = _expected_state_cached(node.hashes[-1], cache.config.mamba_state_dim, cache.config.dtype)
         if node.mamba_value is not None:
             state_ok = torch.equal(cache.device_state.data[node.mamba_value.long()].view(-1).cpu(), ws)
         if node.mamba_host is not None:

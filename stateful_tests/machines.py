@@ -7,13 +7,17 @@ After every step the invariants run: every check of `check_invariants()` (data i
 model's own derived counts (locks as this driver holds them), and the data oracle on matches.
 
 The executor is deterministic: rules complete or fail each part of each operation (its KV and
-each pool transfer) in any order, and `poll` acknowledges. Pools are tiny, so eviction and
-exhaustion are common. Machines are built per component mix and write policy (`MACHINES`);
-the device comes from REFCACHE_DEVICE, so gpu_tests can run the same machines.
+each pool transfer, each page of a prefetch) in any order, and `poll` acknowledges. L3 is a
+`MemoryStorage` that other instances fill (`seed_storage`) and this one writes (`store`);
+prefetches are driven to termination by `progress` or dropped by `abort`. Pools are tiny, so
+eviction and exhaustion are common. Machines are built per component mix and write policy, with
+the prefetch policy chosen so that every pair of (component, write policy, prefetch policy)
+meets (`MACHINES`); the device comes from REFCACHE_DEVICE, so gpu_tests can run the same machines.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import Counter
 
@@ -30,12 +34,16 @@ from refcache import (
     PoolExhaustedError,
     RefCacheError,
 )
-from refcache.data import pages_ok, write_request
+from refcache.data import expected_pages, expected_state, pages_ok, write_request
 from refcache.invariants import check_all
+from refcache.pages import ROOT_HASH, page_hashes
+from refcache.storage import MemoryStorage
+from refcache.transfer import PartStatus
 
 PS = 2
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
 tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=5).map(lambda ps: [t for p in ps for t in p])
+long_tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=8).map(lambda ps: [t for p in ps for t in p])
 
 COMPONENTS = {
     "full": {},
@@ -43,6 +51,7 @@ COMPONENTS = {
     "swa": dict(components=("full", "swa"), swa_window=4, extra={"device_swa_tokens": 12}),
 }
 POLICIES = ("write_through", "write_through_selective", "write_back")
+PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 
 
 def device() -> str:
@@ -57,15 +66,22 @@ class CacheMachine(RuleBasedStateMachine):
     """Base machine; subclasses set CONFIG (CacheConfig keyword arguments)."""
 
     CONFIG: dict = {}
+    checked_steps = 0  # steps checked against the model, all machines together (benchmarks, campaign)
     requests = Bundle("requests")
     nodes = Bundle("nodes")
 
     def __init__(self):
         super().__init__()
         cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=24, backup_after_hits=2,
-                          device=device(), **self.CONFIG)
-        self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device))
+                          prefetch_threshold=PS, prefetch_timeout_steps=3, device=device(), **self.CONFIG)
+        page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
+        self.storage = MemoryStorage(256, page, cfg.dtype)
+        self.state_storage = MemoryStorage(256, (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
+        self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device),
+                             storage=self.storage, state_storage=self.state_storage)
         self.held: list = []  # nodes this driver holds a caller lock on (as lock() returned them)
+        self.prefetching: dict[str, tuple] = {}  # request id -> (operation, anchor prefix, key)
+        self._rids = itertools.count()
         self.snap = self.cache.snapshot(with_data=True)
         self.model = abstract(self.snap)
         self.log: list[str] = []
@@ -73,6 +89,7 @@ class CacheMachine(RuleBasedStateMachine):
     # ------------------------------------------------------------------ lockstep helper
     def _step(self, what: str, allowed: Allowed, check=None) -> None:
         """Abstract the cache after a step and check it against the model and `allowed`."""
+        CacheMachine.checked_steps += 1
         self.log.append(what)
         snap = self.cache.snapshot(with_data=True)
         after = abstract(snap)
@@ -207,6 +224,13 @@ class CacheMachine(RuleBasedStateMachine):
         self._step(f"evict_host {n} -> {freed}", self._l2_room(),
                    lambda b, a: check_evict_host(b, a, n, freed))
 
+    @precondition(lambda self: any(g.dev or g.host for g in self.model.pages.values()))
+    @rule()
+    def pressure(self):
+        """A burst of new traffic: evict everything evictable from L1, then from L2."""
+        self.evict(10**6)
+        self.evict_host(10**6)
+
     @precondition(lambda self: self.model.sidecar is not None and any(g.mamba or g.swa for g in self.model.pages.values()))
     @rule()
     def evict_sidecar(self):
@@ -246,6 +270,85 @@ class CacheMachine(RuleBasedStateMachine):
 
         self._step(f"load_back {end} -> {op and op.id}", Allowed(evict_dev=True, evict_host=True), check)
 
+    # ------------------------------------------------------------------------- L3 rules
+    @rule(target=requests, tokens=st.one_of(requests, long_tokens_st), keep=st.sampled_from([1, 2, 8]),
+          extra=st.lists(st.sampled_from(PAGES), max_size=2))
+    def seed_storage(self, tokens, keep, extra):
+        """Another instance served a request that shares the first `keep` pages of `tokens` and
+        goes on with `extra`, and wrote its pages (and final state) to L3."""
+        tokens = tokens[: keep * PS] + [t for p in extra for t in p]
+        c = self.cache.config
+        hashes = page_hashes(ROOT_HASH, tokens, PS)
+        for h, page in zip(hashes, expected_pages(hashes, c.num_layers, PS, c.num_heads, c.head_dim, c.dtype), strict=True):
+            self.storage.put(h, page)
+        if self.state_storage is not None:
+            self.state_storage.put(hashes[-1], expected_state(hashes[-1], c.mamba_state_dim, c.dtype))
+        self._step(f"seed_storage {tokens}", Allowed())
+        return tokens
+
+    @rule(node=nodes)
+    def store(self, node):
+        try:
+            op = self.cache.write_backup_storage(node)
+        except RefCacheError as e:
+            return self._raised("store", e)
+        self._step(f"store {node_prefix(node)} -> {op and op.id}", Allowed())
+
+    @rule(tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2))
+    def prefetch(self, tokens, extra):
+        """Prefetch the continuation past last_host_node of what storage holds."""
+        tokens = tokens + [t for p in extra for t in p]
+        c = self.cache
+        m = self._match(tokens)
+        anchor = node_prefix(m.last_host_node)
+        stored = self.storage.exists(page_hashes(ROOT_HASH, tokens, PS)[len(anchor) // PS:]) * PS
+        want = self.model.predict_prefetch(stored, c.host_kv.allocator.available(), anchor,
+                                           c.config.prefetch_threshold)
+        rid = f"req{next(self._rids)}"
+        op = c.prefetch(rid, m.last_host_node, tokens[len(anchor):])
+        got = len(op.prefetch.key) if op is not None else 0
+        if op is not None:
+            self.prefetching[rid] = (op, anchor, op.prefetch.key)
+        self._step(f"prefetch {rid} {tokens[len(anchor):]} after {list(anchor)} -> {got} tokens", self._l2_room(),
+                   lambda b, a: [] if got == want else [f"prefetch fetches {got} tokens; storage holds {stored} "
+                                                        f"and the model says {want}"])
+
+    @precondition(lambda self: self.prefetching)
+    @rule(i=st.integers(0, 7))
+    def progress(self, i):
+        rid = sorted(self.prefetching)[i % len(self.prefetching)]
+        op, anchor, key = self.prefetching[rid]
+        status = self.cache.executor.status(op.id)
+        arrived = len(list(itertools.takewhile(lambda p: status.get(p) is PartStatus.DONE, op.kv_parts)))
+        pool_pending = any(status.get(p) is PartStatus.PENDING for p in op.parts[len(op.kv_parts):])
+        settled = not any(s is PartStatus.PENDING for s in status.values())
+        policy = self.cache.config.prefetch_policy.value
+        done = self.cache.prefetch_progress(rid)
+        if pool_pending:
+            want = False  # X2: never while a pool transfer is in flight
+        else:
+            want = True if policy == "best_effort" or settled else (done if policy == "timeout" else False)
+        got = [anchor + tuple(key[: k * PS]) for k in range(1, arrived + 1)] if done else []
+        if done:
+            del self.prefetching[rid]
+
+        def check(b, a):
+            v = [] if done == want else [f"prefetch_progress {rid} -> {done}, model says {want} (policy {policy}, "
+                                         f"pool transfer in flight: {pool_pending}, settled: {settled})"]
+            v += [f"{p}: prefetched page arrived but is not in the tree" for p in got
+                  if p not in a.pages or not (a.pages[p].dev or a.pages[p].host)]
+            return v
+
+        self._step(f"progress {rid} -> {done}", Allowed(gain_host=frozenset(got), gain_side=frozenset(got)), check)
+
+    @precondition(lambda self: self.prefetching)
+    @rule(i=st.integers(0, 7))
+    def abort(self, i):
+        rid = sorted(self.prefetching)[i % len(self.prefetching)]
+        del self.prefetching[rid]
+        self.cache.abort_prefetch(rid)
+        self._step(f"abort {rid}", Allowed(ops_finish=True))
+
     @precondition(lambda self: self.cache.executor.pending_parts())
     @rule(i=st.integers(0, 15), fail=st.booleans())
     def finish_part(self, i, fail):
@@ -254,6 +357,18 @@ class CacheMachine(RuleBasedStateMachine):
         op_id, part = parts[i % len(parts)]
         (ex.fail if fail else ex.complete)(op_id, part)
         self._step(f"{'fail' if fail else 'complete'} op {op_id} {part}", Allowed())
+
+    @precondition(lambda self: self.cache.executor.pending_parts())
+    @rule(i=st.integers(0, 7))
+    def kv_first(self, i):
+        """The common race: an operation's KV (every page) lands while its pool transfers are still in flight."""
+        ex = self.cache.executor
+        ids = sorted({op_id for op_id, _ in ex.pending_parts()})
+        op_id = ids[i % len(ids)]
+        for oid, part in ex.pending_parts():
+            if oid == op_id and not part.startswith("pool:"):
+                ex.complete(oid, part)
+        self._step(f"complete op {op_id} KV parts", Allowed())
 
     @precondition(lambda self: self.cache.executor.pending_parts())
     @rule(i=st.integers(0, 7))
@@ -281,7 +396,7 @@ class CacheMachine(RuleBasedStateMachine):
         gain_dev, gain_host, acked = set(), set(), []
         for op in done:
             a = before.ops.get(op.id)
-            if a is None or op.state is not OpState.DONE:
+            if a is None or op.state is not OpState.DONE or a.kind not in ("load", "backup"):
                 continue
             acked.append(a)
             (gain_dev if a.kind == "load" else gain_host).update(a.pages)
@@ -322,6 +437,9 @@ class CacheMachine(RuleBasedStateMachine):
             for n in self.held:
                 self.cache.unlock(n)
             self.cache.executor.complete_all()
+            for rid in self.prefetching:  # X3: once everything arrived, every policy lets the request go
+                self._expect(self.cache.prefetch_progress(rid), f"prefetch {rid} never terminates")
+            self.prefetching = {}
             self.cache.poll()
             self._expect(not self.cache.ops, f"operations still in flight after completing all: {list(self.cache.ops)}")
             v = self.cache.check_invariants(check_data=True)
@@ -330,9 +448,14 @@ class CacheMachine(RuleBasedStateMachine):
             self.held = []
 
 
-def _machine(comp: str, policy: str) -> type[CacheMachine]:
-    name = f"{comp.capitalize()}{''.join(w.capitalize() for w in policy.split('_'))}Machine"
-    return type(name, (CacheMachine,), {"CONFIG": {**COMPONENTS[comp], "write_policy": policy}})
+def _machine(comp: str, policy: str, prefetch: str) -> type[CacheMachine]:
+    camel = "".join(w.capitalize() for w in f"{comp}_{policy}_{prefetch}".split("_"))
+    return type(f"{camel}Machine", (CacheMachine,),
+                {"CONFIG": {**COMPONENTS[comp], "write_policy": policy, "prefetch_policy": prefetch}})
 
 
-MACHINES: dict[str, type[CacheMachine]] = {f"{c}/{p}": _machine(c, p) for c in COMPONENTS for p in POLICIES}
+# A Latin square: machine (component i, write policy j) prefetches under policy (i + j) % 3, so each
+# pair of component, write policy and prefetch policy is exercised by some machine.
+MACHINES: dict[str, type[CacheMachine]] = {
+    f"{c}/{p}": _machine(c, p, PREFETCH_POLICIES[(i + j) % 3])
+    for i, c in enumerate(COMPONENTS) for j, p in enumerate(POLICIES)}

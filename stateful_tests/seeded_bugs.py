@@ -2,7 +2,7 @@
 
 Each `SeededBug` names its bug class, what it breaks, the machines expected to find it, and a
 `patch()` context manager that installs it (unittest.mock.patch.object on HiCache methods or on
-the `resolve` that refcache.cache imported). New bugs (classes 1-2 once prefetch exists) are one
+the `resolve` that refcache.cache imported). A new bug is one
 more entry in `SEEDED_BUGS`; test_seeded_bugs.py picks them up.
 """
 
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from unittest import mock
 
 import refcache.cache as cache_mod
+import refcache.prefetch as prefetch_mod
 from refcache.cache import HiCache
 from refcache.config import PrefetchPolicy
+from refcache.pages import page_align
 from refcache.prefetch import PrefetchMixin
 from refcache.tp import agree_termination
 from refcache.transfer import COPY_INDEX_DTYPE, PartStatus
@@ -27,7 +29,6 @@ class SeededBug:
     description: str
     patch: Callable[[], contextlib.AbstractContextManager]
     machines: tuple[str, ...]  # keys of stateful_tests.machines.MACHINES that should find it
-    unreachable: str = ""  # why the current cache cannot exhibit it yet (its test is a strict xfail)
 
 
 # --------------------------------------------------------------------------- class 1 (X2)
@@ -49,6 +50,22 @@ def _progress_ignoring_pool(self, request_id):
 
 def prefetch_terminates_with_pool_in_flight():
     return mock.patch.object(PrefetchMixin, "prefetch_progress", _progress_ignoring_pool)
+
+
+# ------------------------------------------------------------------ class 2 (functional loss)
+def prefetch_length_gives_up(requested: int, host_available: int, page_size: int, threshold: int) -> int:
+    """The length rule that abandons the whole prefetch when the full request does not fit in L2,
+    instead of truncating to the page-aligned size that fits.
+
+    pre: page_size > 0
+    pre: threshold >= 0
+    """
+    n = page_align(requested, page_size)
+    return n if n >= max(threshold, 1) and requested <= host_available else 0
+
+
+def prefetch_gives_up_when_l2_is_short():
+    return mock.patch.object(prefetch_mod, "prefetch_length", prefetch_length_gives_up)
 
 
 # ----------------------------------------------------------------------- class 3 (X1, R1)
@@ -114,9 +131,10 @@ _SIDECAR = tuple(m for m in _ALL if not m.startswith("full"))
 SEEDED_BUGS: dict[str, SeededBug] = {
     "class1_terminate_with_pool_in_flight": SeededBug(
         1, "prefetch terminated once its pages arrived while its mamba pool transfer is in flight (X2, X3)",
-        prefetch_terminates_with_pool_in_flight, ("mamba/write_through",),
-        unreachable="the Hypothesis machines do not drive prefetch yet; a directed scenario catches it "
-                    "through X2 (tests/test_walk_finds_seeded_bugs.py)"),
+        prefetch_terminates_with_pool_in_flight, ("mamba/write_through", "mamba/write_back")),
+    "class2_prefetch_gives_up_when_l2_is_short": SeededBug(
+        2, "a prefetch whose run does not fit in L2 is abandoned instead of truncated to the page-aligned fit",
+        prefetch_gives_up_when_l2_is_short, ("full/write_through", "mamba/write_through")),
     "class3_resolve_mutates_record": SeededBug(
         3, "resolve converts the pool-transfer record a node holds in place (X1; later L2 free gets device indices)",
         resolve_mutates_record, ("mamba/write_through", "mamba/write_back")),
@@ -128,8 +146,5 @@ SEEDED_BUGS: dict[str, SeededBug] = {
         lock_host_only_bottom, ("full/write_through", "mamba/write_through")),
     "class5_cascade_ignores_host_ref": SeededBug(
         5, "tombstone cascade deletes a node an in-flight load still host-references (T3)",
-        cascade_ignores_host_ref, ("mamba/write_through",),
-        unreachable="without prefetch no host-referenced node is ever a childless tombstone: a load's host_ref "
-                    "covers its anchor (a valid match end, so not a tombstone) and the anchor's ancestors (which "
-                    "have the anchor as a child); backups hold a lock, not a host_ref"),
+        cascade_ignores_host_ref, ("mamba/write_through",)),
 }

@@ -1,7 +1,7 @@
 """The checks are not vacuous: seeded bugs (stateful_tests/seeded_bugs.py) are caught.
 
-Classes 3 and 5 by the random walker within a few seeds; class 1 by a directed prefetch scenario
-(the Hypothesis machines do not drive prefetch yet)."""
+Classes 3 and 5 by the random walker within a few seeds (the walker does not prefetch); class 1 by
+a directed prefetch scenario. The Hypothesis machines find every class (stateful_tests/)."""
 
 import pytest
 

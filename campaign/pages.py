@@ -1,0 +1,67 @@
+"""The campaign's front pages: index.html and summary.md from summary.json's content."""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+from pathlib import Path
+
+
+def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) for every table both pages show."""
+    v = summary["verdict"]
+    out = [("Verdict", ["clean cache", "bugs detected", "median time to detection", "elapsed"],
+            [["no violation" if v["clean_ok"] else "VIOLATIONS", v["bugs_detected"],
+              "-" if v["median_detection_s"] is None else f"{v['median_detection_s']:.1f} s", f"{v['elapsed_s']} s"]])]
+    if summary["bugs"]:
+        out.append(("Seeded-bug detection", ["bug", "class", "detected", "time to detection", "minimized steps",
+                                             "check that fired", "machine", "report"],
+                    [[b["name"], str(b["bug_class"]), "yes" if b["detected"] else "NO", f"{b['seconds']:.1f} s",
+                      str(b["steps_minimized"] or "-"), b["invariant"] or "-", b["machine"] or "-", b.get("report") or ""]
+                     for b in summary["bugs"]]))
+    out.append(("Clean exploration", ["machine", "steps", "seconds", "violations"],
+                [[m, str(r["steps"]), f"{r['seconds']:.1f}", str(r["violations"])]
+                 for m, r in summary["machines"].items()]
+                + [["all", str(summary["clean"]["steps"]), "", str(summary["clean"]["violations"])]]))
+    if summary["clean_failures"]:
+        out.append(("Clean-cache failures", ["machine", "check", "message", "report"],
+                    [[f["machine"], f["invariant"], f["message"], f.get("report", "")] for f in summary["clean_failures"]]))
+    if summary["proofs"]:
+        by_inv: dict[str, dict[str, str]] = defaultdict(dict)
+        transitions: list[str] = []
+        for p in summary["proofs"]:
+            if p["transition"] not in transitions:
+                transitions.append(p["transition"])
+            by_inv[p["invariant"]][p["transition"]] = f"{p['status']} ({p['seconds']:.1f}s)"
+        nodes = summary["proofs"][0]["nodes"]
+        out.append((f"Z3 inductive proofs (trees up to {nodes} nodes)", ["invariant", *transitions],
+                    [[inv, *[row.get(t, "") for t in transitions]] for inv, row in by_inv.items()]))
+    if summary["crosshair"]:
+        out.append(("CrossHair contracts", ["function", "expected", "status", "seconds"],
+                    [[c["function"], c["expect"], c["status"], f"{c['seconds']:.1f}"] for c in summary["crosshair"]]))
+    return out
+
+
+def write_index(out: Path, summary: dict) -> None:
+    tables = _tables(summary)
+    e = html.escape
+
+    def cell(c: str) -> str:
+        return f'<a href="{e(c)}">{e(c)}</a>' if c.endswith(".html") else e(c)
+
+    body = "".join(
+        f"<h2>{e(t)}</h2><table><tr>{''.join(f'<th>{e(h)}</th>' for h in head)}</tr>"
+        + "".join(f"<tr>{''.join(f'<td>{cell(c)}</td>' for c in r)}</tr>" for r in rows) + "</table>"
+        for t, head, rows in tables)
+    (out / "index.html").write_text(
+        "<!doctype html><meta charset=utf-8><title>refcache verify</title>"
+        "<style>body{font-family:sans-serif;max-width:90em;margin:auto} table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:.2em .5em;font-size:90%}</style>"
+        f"<h1>refcache verify</h1><p>budget {summary['budget_s']} s, seed {summary['seed']}, device "
+        f"{e(summary['device'])}</p>{body}")
+    md = ["# refcache verify", "", f"budget {summary['budget_s']} s, seed {summary['seed']}, device {summary['device']}"]
+    for t, head, rows in tables:
+        md += ["", f"## {t}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(c.replace(".html", ".md") if c.endswith(".html") else c for c in r) + " |"
+               for r in rows]
+    (out / "summary.md").write_text("\n".join(md) + "\n")

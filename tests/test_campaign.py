@@ -1,0 +1,133 @@
+"""The main job and its reports: a test of the tests.
+
+A seeded bug is hunted, shrunk and reported; the generated repro file fails under the bug and
+passes on the clean cache; `refcache verify` writes summary.json as documented and exits 1 when
+a chosen bug goes undetected."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from campaign.cli import main
+from campaign.hunt import failure_check, hunt
+from campaign.report import ascii_tree, build_report, replay
+from stateful_tests.seeded_bugs import SEEDED_BUGS
+
+ROOT = Path(__file__).resolve().parents[1]
+BUG = "class3_resolve_mutates_record"  # found in well under a second
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("message, check", [
+    ("invariants broken:\n  T3 (node 7): host-referenced node is no longer attached", "T3"),
+    ("invariants broken at teardown: X1 (node 157): L2 mamba record holds", "X1"),
+    ("prefetch req0 [1, 1] after [] -> 0 tokens: cache and model disagree:", "model:prefetch"),
+    ("prefetch req1 never terminates", "X3"),
+])
+def test_failure_check_names_the_check(message, check):
+    assert failure_check(message) == check
+
+
+@pytest.fixture(scope="module")
+def found(tmp_path_factory):
+    h = hunt("mamba/write_through", seed_=1, budget_s=60, shrink_s=10, patch=SEEDED_BUGS[BUG].patch())
+    assert h.found, "the seeded bug was not detected"
+    rep = build_report(h, BUG, f"Seeded bug {BUG}")
+    assert rep is not None, "Hypothesis's minimized program did not replay"
+    out = tmp_path_factory.mktemp("report")
+    return h, rep, out, rep.write(out, BUG)
+
+
+def test_hunt_detects_and_minimizes(found):
+    h, rep, _, _ = found
+    assert rep.replayed.check == "X1"
+    assert 1 <= len(rep.rules) <= 8, rep.rules
+    assert h.steps_run > 0 and h.seconds > 0
+
+
+def test_report_pages_name_the_check_steps_and_trees(found):
+    _, rep, out, files = found
+    md = (out / files["markdown"]).read_text()
+    for part in ("Check that fired:** `X1`", "## Minimized steps", "Tree before the failing step",
+                 "Tree after the failing step", f"REFCACHE_SEEDED_BUG={BUG}"):
+        assert part in md
+    assert rep.rules[0] in md
+    page = (out / files["html"]).read_text()
+    assert 'class="mermaid"' in page and "graph TD" in page
+
+
+def test_repro_fails_under_the_bug_and_passes_clean(found):
+    _, _, out, files = found
+    mod = _load(out / files["repro"])
+    with SEEDED_BUGS[BUG].patch(), pytest.raises(AssertionError):
+        mod.replay()
+    mod.replay()  # the clean cache passes the same steps
+
+
+def test_repro_is_a_standalone_pytest_file(found):
+    _, _, out, files = found
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(out / files["repro"])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REFCACHE_SEEDED_BUG": BUG}
+    bad = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1, bad.stdout[-2000:]
+    env.pop("REFCACHE_SEEDED_BUG")
+    good = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
+    assert good.returncode == 0, good.stdout[-2000:]
+
+
+def test_replay_of_a_clean_program_passes():
+    r = replay("full/write_through", ["requests_0 = state.first_request(tokens=[1, 1, 2, 2])",
+                                      "state.settle()", "state.pressure()"])
+    assert not r.failed, r.message
+
+
+def test_ascii_tree_marks_the_named_node(found):
+    _, rep, _, _ = found
+    text = ascii_tree(rep.replayed.after, {next(iter(rep.replayed.after.nodes))})
+    assert text.startswith("root")
+
+
+def test_verify_writes_the_documented_summary(tmp_path):
+    code = main(["verify", "--budget", "25", "--bugs", BUG, "--no-proofs", "--no-crosshair",
+                 "--out", str(tmp_path), "--seed", "3"])
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 0, s["verdict"]
+    assert set(s) >= {"clean", "proofs", "bugs"}
+    assert s["clean"]["steps"] > 0 and s["clean"]["violations"] == 0
+    (b,) = s["bugs"]
+    assert set(b) >= {"name", "detected", "seconds", "steps_minimized", "invariant", "report"}
+    assert b["detected"] and b["invariant"] == "X1" and (tmp_path / b["report"]).exists()
+    assert (tmp_path / "index.html").exists() and (tmp_path / "summary.md").exists()
+
+
+def test_verify_fails_when_a_bug_goes_undetected(tmp_path, monkeypatch):
+    """A bug with a no-op patch cannot be detected: the verdict must say so (exit 1)."""
+    import contextlib
+
+    from stateful_tests.seeded_bugs import SeededBug
+
+    monkeypatch.setitem(SEEDED_BUGS, "noop", SeededBug(0, "changes nothing", contextlib.nullcontext,
+                                                       ("full/write_through",)))
+    code = main(["verify", "--budget", "12", "--bugs", "noop", "--no-proofs", "--no-crosshair", "--out", str(tmp_path)])
+    assert code == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["bugs"][0]["detected"] is False
+
+
+def test_unknown_bug_name_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--bugs", "no_such_bug"])
+    assert e.value.code == 2
+    assert "unknown seeded bugs" in capsys.readouterr().err
