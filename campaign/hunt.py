@@ -15,14 +15,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import hypothesis.internal.conjecture.engine as engine
-from hypothesis import Phase, seed
+from hypothesis import Phase, Verbosity, seed
 from hypothesis.database import InMemoryExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
 from stateful_tests.machines import MACHINES, CacheMachine
 from stateful_tests.profiles import current
 
-_STEP = re.compile(r"^(?:[\w, ]+ = )?state\.(\w+)\(")
+_STEP = re.compile(r"^(?:[\w, ()]+ = )*state\.(\w+)\(")
 _NOT_RULES = {"invariants_hold", "model_agrees", "teardown"}
 
 
@@ -113,7 +113,8 @@ def hunt(name: str, seed_: int, budget_s: float, shrink_s: float = 30.0, max_exa
         with shrink_cap(shrink_s):
             try:
                 run_state_machine_as_test(machine, settings=current(
-                    phases=(Phase.reuse, Phase.shrink), database=db, derandomize=False, print_blob=False))
+                    phases=(Phase.reuse, Phase.shrink), database=db, derandomize=False, print_blob=False,
+                    verbosity=Verbosity.quiet))
             except Exception as e:  # noqa: BLE001
                 _record(res, e)
         res.shrink_seconds = time.perf_counter() - t1

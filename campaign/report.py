@@ -49,6 +49,8 @@ def replay(machine: str, rules: list[str], bug: str | None = None) -> Replay:
                 if line != "state.teardown()":
                     for chk in CHECKS_AFTER_RULE:
                         exec(chk, env)  # noqa: S102
+            except (NameError, SyntaxError) as e:  # the program itself does not replay
+                return Replay(False, message=f"program does not replay: {e}", failing_step=line)
             except Exception as e:  # noqa: BLE001 - any failure is the finding
                 msg = f"{type(e).__name__}: {e}" if not isinstance(e, AssertionError) else str(e)
                 return Replay(True, failure_check(str(e)), msg, line, before, state.cache.snapshot(), list(state.log))
