@@ -14,7 +14,10 @@ from stateful_tests.seeded_bugs import SEEDED_BUGS
 
 DETECT_EXAMPLES = 3000  # a bound on the hunt, not its expected length: detection stops at the first failure
 
-CASES = [pytest.param(name, m, id=f"{name}-{m}") for name, bug in SEEDED_BUGS.items() for m in bug.machines]
+# The five classes on every machine named for them; each further bug on its first machine
+# (`refcache verify --bugs all` hunts all of them on all their machines).
+CASES = [pytest.param(name, m, id=f"{name}-{m}") for name, bug in SEEDED_BUGS.items()
+         for m in (bug.machines if bug.bug_class else bug.machines[:1])]
 
 
 @pytest.mark.parametrize("bug,machine", CASES)
