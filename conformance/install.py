@@ -5,7 +5,7 @@
 Two sglang versions cannot live in one environment, and sglang's own dependencies are CUDA-only,
 so each version goes to `<home>/<version>` with `pip install --no-deps --target` and the shim
 (`conformance.shim`) puts the right one on sys.path. The few real packages the cache modules
-need (the `sglang` extra: msgspec, dill) go to `<home>/deps` unless the environment
+need (the `sglang` extra: msgspec, dill, psutil) go to `<home>/deps` unless the environment
 already has them. Home: --home, else $REFCACHE_SGLANG_HOME, else ~/.cache/refcache/sglang.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import shim
 
-DEPS = {"msgspec": "msgspec==0.22.0", "dill": "dill==0.4.1"}  # = the `sglang` extra
+DEPS = {"msgspec": "msgspec==0.22.0", "dill": "dill==0.4.1", "psutil": "psutil==7.2.2"}  # = the `sglang` extra
 
 
 def _pip(*args: str) -> None:

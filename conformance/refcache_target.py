@@ -52,6 +52,17 @@ class RefcacheTarget(Target):
                      last_host_len=len(node_prefix(m.last_host_node)) if self.hier else None,
                      host_hit=m.host_hit_length)
 
+    def load_back(self, tokens: list[int]) -> int | None:
+        """Match, then load `best_match_node` back; None when refcache declined (no room)."""
+        m = self.cache.match_prefix(tokens)
+        try:
+            self.cache.load_back(m.best_match_node)
+        except PoolExhaustedError:
+            self._settle()
+            return None
+        self._settle()
+        return self.cache.match_prefix(tokens).device_len
+
     def alive(self, node: Any) -> bool:
         return self.cache._nodes.get(node.id) is node
 
@@ -104,6 +115,15 @@ def refcache_mamba() -> RefcacheTarget:
 
 
 def refcache_hicache() -> RefcacheTarget:
-    info = TargetInfo("refcache-hicache", page_size=2, device_tokens=16, host=True,
+    info = TargetInfo("refcache-hicache", page_size=2, device_tokens=16, host=True, ops=CORE_OPS | {"load_back"},
                       notes="write-through, every backup completes at once and is acknowledged after each operation")
     return RefcacheTarget(info, host_tokens=24, write_policy="write_through")
+
+
+def refcache_himamba() -> RefcacheTarget:
+    """The refcache counterpart of sglang-himamba: full+mamba, write-through, page 1."""
+    info = TargetInfo("refcache-himamba", page_size=1, sidecar="mamba", device_tokens=16, mamba_slots=6, host=True,
+                      ops=CORE_OPS | {"evict_mamba", "load_back"},
+                      notes="write-through, every backup completes at once and is acknowledged after each operation")
+    return RefcacheTarget(info, components=("full", "mamba"), device_mamba_slots=6, host_mamba_slots=12,
+                          host_tokens=32, write_policy="write_through")

@@ -43,12 +43,17 @@ TARGETS: dict[str, TargetSpec] = {
     "refcache": TargetSpec("refcache_target:refcache_full", None, "refcache, full only, device-only usage, page 2"),
     "refcache-mamba": TargetSpec("refcache_target:refcache_mamba", None, "refcache, full+mamba, device-only, page 1", 1),
     "refcache-hicache": TargetSpec("refcache_target:refcache_hicache", None, "refcache HiCache, write-through, page 2"),
+    "refcache-himamba": TargetSpec("refcache_target:refcache_himamba", None,
+                                   "refcache HiCache full+mamba, write-through, page 1", 1),
     "sglang-radix": TargetSpec("sglang_targets:SGLangRadix", "0.5.23", "SGLang RadixCache 0.5.23, page 2"),
     "sglang-unified-python": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
                                         "SGLang UnifiedRadixCache 0.5.23 (FULL), Python tree core, page 2"),
     "sglang-unified-rust": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
                                       "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2"),
     "sglang-mamba": TargetSpec("sglang_targets:SGLangMamba", "0.5.17", "SGLang MambaRadixCache 0.5.17, page 1", 1),
+    "sglang-himamba": TargetSpec("sglang_targets:SGLangHiMamba", "0.5.17",
+                                 "SGLang HiMambaRadixCache 0.5.17 (write-through, direct IO), page 1; "
+                                 "a GPU, or CPU stand-ins for pinning and copies", 1),
 }
 
 

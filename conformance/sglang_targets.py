@@ -20,6 +20,8 @@ from __future__ import annotations
 import types
 from array import array
 
+import torch
+
 from models.abstract import Model, Page, Prefix
 
 from . import shim
@@ -37,6 +39,15 @@ KNOWN = frozenset({"lru-recency"})
 # tombstone revived by an insert in between fails dec_lock_ref's assertion (or, under -O, drives
 # mamba_lock_ref to -1 and corrupts the evictable/protected sizes). 0.5.23's lock receipts fix the class.
 KNOWN_MAMBA = KNOWN | {"lock-tombstone"}
+# HiMambaRadixCache 0.5.17, two more:
+# "mamba-lru-stamps" (upstream inconsistency): its match moves the whole path in the *mamba* LRU list
+# (reset_node_and_parents_mru) without refreshing those nodes' mamba stamps, so its own sanity_check
+# fails after e.g. insert [1,1], insert [1], match [1,1]; and it contradicts MambaRadixCache, which
+# touches only the used state on purpose. Bounded runs check the full LRU list only.
+# "mamba-host-boundary" (a different contract): when the deepest mamba state on the path is only on
+# host, its device match still runs to that node (device KV) and mamba_host_hit_length=1 asks for the
+# state; the spec's device match ends at a node whose state is on device. Not compared then.
+KNOWN_HIMAMBA = KNOWN_MAMBA | {"mamba-lru-stamps", "mamba-host-boundary"}
 
 
 def _pages(ps: int, prefix: tuple, key_len: int):
@@ -390,3 +401,205 @@ class SGLangMamba(Target):
     def unlock(self, lock):
         self.cache.dec_lock_ref(lock)
         self.locks -= 1
+
+
+# ===================================================== HiMambaRadixCache (0.5.17)
+HIMAMBA_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
+
+
+class SGLangHiMamba(Target):
+    """HiMambaRadixCache with its real HybridCacheController, host pools and mamba pools.
+
+    On a GPU: CUDA streams, events, pinned host memory and — where the `sgl_kernel` package is
+    importable — its copy kernels. Without CUDA: the same code, with pinned-memory registration
+    skipped and `conformance.kernels`' torch copies standing in for the kernels. Page size 1
+    (its v1 requires it), write-through (every insert backs up), io_backend "direct" with the
+    page-first-direct host layout (the one that needs no other kernels). Every operation is
+    followed by draining the controller's write and load acknowledgements (synchronously), so
+    the machine sees settled states. Load-backs below 10 tokens are skipped upstream by policy;
+    the adapter sets that threshold to 1 so small trees exercise the load path."""
+
+    def __init__(self):
+        shim.load(V_MAMBA, real=HIMAMBA_REAL)
+        from sglang.srt import runtime_context
+        from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
+        from sglang.srt.mem_cache import base_prefix_cache as b
+        from sglang.srt.mem_cache import cache_init_params as cip
+        from sglang.srt.mem_cache import memory_pool as mp
+        from sglang.srt.mem_cache import radix_cache as r
+        from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+        from sglang.srt.mem_cache.hi_mamba_radix_cache import HiMambaRadixCache
+
+        self.b, self.r = b, r
+        self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cpu":
+            _cpu_stand_ins()
+        self.info = TargetInfo("sglang-himamba", page_size=1, sidecar="mamba", ops=CORE_OPS | {"load_back", "evict_mamba"},
+                               device_tokens=16, mamba_slots=6, host=True, sglang=V_MAMBA, allow=KNOWN_HIMAMBA,
+                               notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
+        sa = types.SimpleNamespace(
+            mamba_cache_chunk_size=64, hicache_io_backend="direct", hicache_mem_layout="page_first_direct",
+            hicache_storage_backend=None, extra_metric_labels=None, hicache_storage_backend_extra_config=None,
+            hicache_storage_prefetch_policy="best_effort", hicache_write_policy="write_through", hicache_size=0,
+            hicache_ratio=2.0, served_model_name="conformance", hicache_host_memory_mode="cache", enable_hisparse=False)
+        runtime_context._CONTEXT._server_args = sa
+        shape = Mamba2StateShape.create(tp_world_size=1, intermediate_size=32, n_groups=1, num_heads=2, head_dim=8,
+                                        state_size=8, conv_kernel=4)
+        self.req_pool = mp.HybridReqToTokenPool(
+            size=4, mamba_size=self.info.mamba_slots, mamba_spec_state_size=4, max_context_len=64, device=dev,
+            enable_memory_saver=False, cache_params=Mamba2CacheParams(shape=shape, layers=[0]), mamba_layer_ids=[0],
+            enable_mamba_extra_buffer=False)
+        self.kv = mp.HybridLinearKVPool(size=self.info.device_tokens, dtype=torch.bfloat16, page_size=1, head_num=2,
+                                        head_dim=8, full_attention_layer_ids=[1], device=dev, enable_memory_saver=False,
+                                        mamba_pool=self.req_pool.mamba_pool)
+        self.alloc_ = TokenToKVPoolAllocator(size=self.info.device_tokens, dtype=torch.bfloat16, device=dev,
+                                             kvcache=self.kv, need_sort=False)
+        params = cip.CacheInitParams(disable=False, req_to_token_pool=self.req_pool,
+                                     token_to_kv_pool_allocator=self.alloc_, page_size=1)
+        self.cache = HiMambaRadixCache(params, sa)
+        self.cache.load_back_threshold = 1
+        self.k0 = self.kv.full_kv_pool.k_buffer[0]  # the KV every page's contents are written to and checked in
+        self.locks = 0
+
+    # --- data: a page's KV (layer 0, K) is a function of its prefix, so any path through L2 is checked
+    @staticmethod
+    def _val(prefix) -> float:
+        return float(hash(tuple(prefix)) % 251 - 125)
+
+    def _settle(self) -> None:
+        c = self.cache
+        for _ in range(2000):
+            c.writing_check()
+            if c.ongoing_load_back:
+                c.loading_check()
+            if not c.ongoing_write_through and not c.ongoing_load_back:
+                return
+            if self.dev == "cuda":
+                torch.cuda.synchronize()
+        raise AssertionError(f"operations never acknowledged: writes {list(c.ongoing_write_through)}, "
+                             f"loads {list(c.ongoing_load_back)}")
+
+    def _key(self, tokens):
+        return self.r.RadixKey(array("q", tokens))
+
+    def alloc(self, tokens):
+        n, c = len(tokens), self.cache
+        if self.alloc_.available_size() < n:
+            c.evict(self.b.EvictParams(num_tokens=n - self.alloc_.available_size()))
+            self._settle()
+        idx = self.alloc_.alloc(n)
+        if idx is None:
+            raise TargetError(f"{n} tokens needed, {self.alloc_.available_size()} free after eviction")
+        slot = self.req_pool.mamba_allocator.alloc(1)
+        if slot is None:
+            c.evict(self.b.EvictParams(num_tokens=0, mamba_num=1))
+            slot = self.req_pool.mamba_allocator.alloc(1)
+        if slot is None:
+            self.alloc_.free(idx)
+            raise TargetError("mamba state pool full after eviction")
+        for i, s in enumerate(idx.tolist()):
+            self.k0[s].fill_(self._val(tokens[: i + 1]))
+        return idx, slot
+
+    def insert(self, tokens, kv):
+        idx, slot = kv
+        res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=idx, mamba_value=slot))
+        if res.mamba_exist:
+            self.req_pool.mamba_allocator.free(slot)
+        self._settle()
+        return Inserted(res.prefix_len, not res.mamba_exist)
+
+    def match(self, tokens):
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._settle()
+        # Its last_host_node is the deepest *backed-up* node at or above the mamba boundary (and its
+        # best_match_node the same node), not the spec's deepest node with data: not compared.
+        return Match(device_len=m.device_indices.numel(), best_len=len(self.node_prefix(m.best_match_node)),
+                     node=m.last_device_node, device_indices=m.device_indices.tolist(),
+                     mamba_host_hit=m.mamba_host_hit_length)
+
+    def data_ok(self, tokens, m) -> bool:
+        got = [float(self.k0[s].flatten()[0]) for s in m.device_indices]
+        return got == [self._val(tokens[: i + 1]) for i in range(len(got))]
+
+    def load_back(self, tokens) -> int | None:
+        """Match, then load `best_match_node` back (as the scheduler's init_load_back does); None when
+        the cache declined. Returns the device match length afterwards."""
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        node = m.best_match_node
+        if node is not self.cache.root_node and (node.evicted or (node.mamba_evicted and node.mamba_backuped)):
+            got = self.cache.load_back(node)
+            self.cache.ready_to_load_host_cache()
+            self._settle()
+            if got is None:
+                return None
+        return self.match(tokens).device_len
+
+    alive = SGLangRadix.alive
+    node_prefix = SGLangRadix.node_prefix
+    locked_prefix = SGLangRadix.locked_prefix
+    _nodes = SGLangRadix._nodes
+    lock = SGLangMamba.lock
+    unlock = SGLangMamba.unlock
+
+    def evict(self, n):
+        freed = self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
+        self._settle()
+        return freed
+
+    def evict_mamba(self, n):
+        freed = self.cache.evict(self.b.EvictParams(num_tokens=0, mamba_num=n)).mamba_num_evicted
+        self._settle()
+        return freed
+
+    def abstract(self) -> Model:
+        m = Model(page_size=1, sidecar="mamba", window=0)
+        order, x, rank = {}, self.cache.full_lru_list.tail.prev, 0
+        while x is not None and x is not self.cache.full_lru_list.head:
+            order[id(x)] = rank
+            rank += 1
+            x = x.prev
+        for n, pre in self._nodes():
+            for p in _pages(1, pre, len(n.key)):
+                end = p == pre
+                m.pages[p] = Page(dev=n.value is not None, host=n.host_value is not None,
+                                  mamba=end and n.mamba_value is not None,
+                                  mamba_host=end and getattr(n, "mamba_host_value", None) is not None,
+                                  lock=n.full_lock_ref, host_ref=n.host_ref_counter, stamp=order.get(id(n), -1))
+        return m
+
+    def check(self) -> list[str]:
+        v = []
+        for n, pre in self._nodes():
+            if n.value is not None:
+                got = [float(self.k0[s].flatten()[0]) for s in n.value.tolist()]
+                want = [self._val(pre[: len(pre) - len(got) + i + 1]) for i in range(len(got))]
+                if got != want:
+                    v.append(f"D1: node {pre} holds device KV that is not its prefix's")
+        if not self.locks:
+            c = self.cache
+            lists = [c.full_lru_list] + ([] if "mamba-lru-stamps" in self.info.allow else [c.mamba_lru_list])
+            try:
+                for lru in lists:
+                    lru.sanity_check(c)
+            except Exception as e:
+                cause = e.__context__ if e.__context__ is not None else e
+                v.append(f"sanity_check: {type(cause).__name__}: {cause}")
+        return v
+
+    def close(self) -> None:
+        import atexit
+
+        atexit.unregister(self.cache.shutdown)
+
+
+def _cpu_stand_ins() -> None:
+    """Without CUDA: skip pinned-memory registration, and copy with torch where the kernels would."""
+    import sglang.srt.mem_cache.memory_pool_host as mph
+    import sglang.srt.mem_cache.pool_host.common as phc
+    import sglang.srt.mem_cache.pool_host.mha as mha
+
+    from . import kernels
+
+    phc._cuda_host_register = lambda buffer: None
+    kernels.install(mha, mph)

@@ -5,8 +5,8 @@ Why a shim: `sglang` from PyPI pins CUDA-only packages, and `import sglang` runs
 `conformance.install`), its cache modules import once (1) the top-level `__init__` is bypassed,
 (2) a few heavy sglang subpackages that the caches only name (model configs, layers, the
 scheduler) are replaced by stand-ins, and (3) third-party modules that sglang files import but
-that are absent are replaced by stand-ins. Real packages needed: torch, numpy, msgspec, dill (the
-`sglang` extra); triton is used when present and stood in for when not (CPU runs never reach
+that are absent are replaced by stand-ins. Real packages needed: torch, numpy, msgspec, dill, and
+psutil for the host tier (the `sglang` extra); triton is used when present and stood in for when not (CPU runs never reach
 it). A stand-in is only ever handed to an import made by an sglang file; everything else sees
 the real import system, so a missing package used by torch still fails.
 
@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HOME_ENV = "REFCACHE_SGLANG_HOME"
+# Set where an install was trimmed to the modules the caches use (a copy carried to a machine with no
+# package index): sglang modules missing from it are stood in for too, and listed in `stubbed`.
+TRIMMED_ENV = "REFCACHE_SGLANG_TRIMMED"
 
 # sglang subpackages the caches import but do not use on the paths the adapters drive.
 _COMMON_STUBS = (
@@ -230,7 +233,9 @@ class _Finder(importlib.abc.MetaPathFinder):
             if any(name == r or name.startswith(r + ".") for r in self.real):
                 return None
         else:
-            if name.split(".")[0] in ("sglang",) or not self._from_sglang():
+            if not self._from_sglang():
+                return None
+            if name.split(".")[0] == "sglang" and not os.environ.get(TRIMMED_ENV):
                 return None
         self.record.add(name)
         spec = importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
@@ -293,6 +298,7 @@ def load(version: str, real: tuple[str, ...] = ()) -> Loaded:
         import torch._dynamo  # noqa: F401
         import torch._inductor.runtime.hints  # noqa: F401
 
+    _load_sgl_kernel_copies()
     sys.path.insert(0, str(root))
     pkg = types.ModuleType("sglang")
     pkg.__path__ = [str(root / "sglang")]
@@ -305,6 +311,25 @@ def load(version: str, real: tuple[str, ...] = ()) -> Loaded:
     os.environ.setdefault("SGLANG_RUST_BUILD_MODE", "never")  # never compile the Rust core at import
     _LOADED = Loaded(version, root, stubbed)
     return _LOADED
+
+
+def _load_sgl_kernel_copies() -> None:
+    """With CUDA and no `sgl_kernel` package, but `<home>/sgl_kernel/` holding its `kvcacheio.py` and
+    `sm90|sm100/common_ops*.so` (from the sglang-kernel wheel): register those real copy kernels
+    without the package's `__init__` (which loads every other kernel library of a 383 MB wheel)."""
+    import torch
+
+    d = home() / "sgl_kernel"
+    if not torch.cuda.is_available() or importlib.util.find_spec("sgl_kernel") is not None or not d.is_dir():
+        return
+    major, minor = torch.cuda.get_device_capability()
+    libs = sorted((d / ("sm90" if (major, minor) == (9, 0) else "sm100")).glob("common_ops*.so"))
+    if not libs:
+        return
+    torch.ops.load_library(str(libs[0]))
+    pkg = types.ModuleType("sgl_kernel")
+    pkg.__path__ = [str(d)]
+    sys.modules["sgl_kernel"] = pkg
 
 
 def require(version: str, *modules: str) -> list[types.ModuleType]:

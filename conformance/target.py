@@ -58,6 +58,7 @@ class Match:
     device_indices: list[int] = field(default_factory=list)
     last_host_len: int | None = None
     host_hit: int = 0
+    mamba_host_hit: int = 0  # the match end's mamba state must come from host (where a target says so)
 
 
 @dataclass
