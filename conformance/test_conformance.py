@@ -120,6 +120,24 @@ def test_lock_on_revived_tombstone(name):
         assert err is not None and err.startswith("AssertionError") and "dec_lock_ref" in err, f"upstream changed: {err}"
 
 
+HIMAMBA_LRU = [("insert", [1, 1]), ("insert", [1]), ("match", [1, 1])]
+
+
+@pytest.mark.parametrize("name", ["refcache-himamba", "sglang-himamba"])
+def test_himamba_mamba_lru_stamps(name):
+    """Finding (upstream inconsistency, HiMambaRadixCache 0.5.17): a match moves the whole path in the
+    mamba LRU list without refreshing those nodes' mamba stamps, and its own sanity_check then fails.
+    Minimized by the machine to these 3 operations."""
+    why = runner.unavailable_reason(name)
+    if why:
+        pytest.skip(why)
+    err = runner.replay_calls(name, HIMAMBA_LRU, strict=True)
+    if name == "refcache-himamba":
+        assert err is None, err
+    else:
+        assert err is not None and "Incorrect LRU list" in err, f"upstream changed: {err}"
+
+
 # ------------------------------------------------------------------------------ shim
 def test_shim_refuses_unsupported_version():
     with pytest.raises(shim.ShimError, match="not supported"):
