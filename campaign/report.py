@@ -15,11 +15,13 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hypothesis.stateful import PRECONDITIONS_MARKER, RULE_MARKER
+
 from refcache.snapshot import Snapshot
 from stateful_tests.machines import MACHINES
 from stateful_tests.seeded_bugs import SEEDED_BUGS
 
-from .hunt import Hunt, failure_check
+from .hunt import _STEP, Hunt, failure_check
 
 CHECKS_AFTER_RULE = ("state.invariants_hold()", "state.model_agrees()")
 
@@ -44,6 +46,8 @@ def replay(machine: str, rules: list[str], bug: str | None = None) -> Replay:
         before = state.cache.snapshot()
         for line in [*rules, "state.teardown()"]:
             before = state.cache.snapshot()
+            if not _allowed(state, line):  # a shortened program may call a rule its state does not allow
+                return Replay(False, message="a rule's precondition does not hold", failing_step=line)
             try:
                 exec(line, env)  # noqa: S102 - our own generated program, one rule call per line
                 if line != "state.teardown()":
@@ -57,22 +61,38 @@ def replay(machine: str, rules: list[str], bug: str | None = None) -> Replay:
     return Replay(False, log=list(state.log))
 
 
+def _allowed(state, line: str) -> bool:
+    m = _STEP.match(line)
+    fn = getattr(type(state), m.group(1), None) if m else None
+    rule = getattr(fn, RULE_MARKER, None)
+    preconditions = rule.preconditions if rule is not None else getattr(fn, PRECONDITIONS_MARKER, ())
+    return all(p(state) for p in preconditions)
+
+
 def minimize(machine: str, rules: list[str], check: str, bug: str | None = None) -> list[str]:
-    """Drop rule calls one at a time (repeating until none can go) while the replay still fails
-    the same `check`: Hypothesis's shrinker is thorough but slow on expensive steps."""
+    """Drop rule calls — one at a time, then two at a time, repeating until none can go — while
+    the replay still fails: the same `check` on the clean cache; any check under a seeded bug, since
+    the clean cache passes every program. Hypothesis's shrinker is thorough but slow on expensive
+    steps, and it may stop at its time cap."""
+
+    def still_fails(trial: list[str]) -> bool:
+        try:
+            r = replay(machine, trial, bug)
+        except Exception:  # noqa: BLE001 - a program the machine cannot run is not a smaller failure
+            return False
+        return r.failed and (bug is not None or r.check == check)
+
     cur = list(rules)
-    changed = True
-    while changed:
-        changed = False
+    while True:
         for i in range(len(cur) - 1, -1, -1):
-            trial = cur[:i] + cur[i + 1:]
-            try:
-                r = replay(machine, trial, bug)
-            except Exception:  # noqa: BLE001 - e.g. a name the dropped line defined
-                continue
-            if r.failed and r.check == check:
-                cur, changed = trial, True
-    return cur
+            if i < len(cur) and still_fails(trial := cur[:i] + cur[i + 1:]):
+                cur = trial
+        pairs = ((i, j) for j in range(len(cur) - 1, 0, -1) for i in range(j - 1, -1, -1))
+        smaller = next((t for i, j in pairs if still_fails(t := [r for k, r in enumerate(cur) if k not in (i, j)])),
+                       None)
+        if smaller is None:
+            return cur
+        cur = smaller
 
 
 # ---------------------------------------------------------------------------- tree pictures

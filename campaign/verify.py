@@ -28,7 +28,7 @@ from .pages import write_index
 from .report import build_report
 
 SLICE_S = 8.0  # one machine's turn when several share a phase
-SHRINK_S = 15.0  # Hypothesis shrinking cap per failure
+SHRINK_S = 20.0  # Hypothesis shrinking cap per failure
 
 
 @dataclass

@@ -194,6 +194,10 @@ class DeterministicExecutor(Executor):
         return dict(self._status.get(op_id, {}))
 
     def forget(self, op_id: int) -> None:
+        """Drop a finished op's bookkeeping. Parts still pending stay: a copy already issued cannot
+        be recalled and still lands when completed, as on a GPU (X2 reports such an op)."""
+        if PartStatus.PENDING in self._status.get(op_id, {}).values():
+            return
         self._jobs.pop(op_id, None)
         self._status.pop(op_id, None)
 
