@@ -94,17 +94,29 @@ def _settings(examples: int, steps: int) -> settings:
                                            HealthCheck.data_too_large], print_blob=False)
 
 
-def _run_here(name: str, budget_s: float, seed: int | None, steps_per_example: int = 40) -> dict:
+def _run_here(name: str, budget_s: float, seed: int | None, steps_per_example: int = 40,
+              shrink_s: float | None = None) -> dict:
     cls = machine(name)
     cls.steps_run = 0
     s = random.randrange(2**32) if seed is None else seed
     first_seed = s
     deadline = time.monotonic() + budget_s
-    examples = 0
     t0 = time.monotonic()
-    report = None
     # Shrinking is capped (Hypothesis' own cap is 300 s), so a bounded run stays bounded.
-    engine.MAX_SHRINKING_SECONDS = int(os.environ.get("CONFORMANCE_SHRINK_S", min(120, max(45, budget_s))))
+    if shrink_s is None:
+        shrink_s = float(os.environ.get("CONFORMANCE_SHRINK_S", min(120, max(45, budget_s))))
+    saved, engine.MAX_SHRINKING_SECONDS = engine.MAX_SHRINKING_SECONDS, max(1, int(shrink_s))
+    try:
+        report, examples, s = _explore(name, cls, s, deadline, steps_per_example, shrink_s)
+    finally:
+        engine.MAX_SHRINKING_SECONDS = saved  # other Hypothesis tests in this process keep theirs
+    return {"target": name, "steps": cls.steps_run, "violations": 0 if report is None else 1,
+            "failure_report": report, "seed": first_seed, "examples": examples,
+            "elapsed_s": round(time.monotonic() - t0, 2), "sglang": TARGETS[name].sglang}
+
+
+def _explore(name, cls, s, deadline, steps_per_example, shrink_s):
+    report, examples = None, 0
     while time.monotonic() < deadline and report is None:
         out = io.StringIO()
         test = hseed(s)(get_state_machine_test(cls, settings=_settings(10, steps_per_example)))
@@ -113,7 +125,7 @@ def _run_here(name: str, budget_s: float, seed: int | None, steps_per_example: i
                 test()
         except Exception as e:  # a disagreement, a crash inside the target, or a flaky replay
             report = f"target {name}, seed {s}:\n" + describe(e) + out.getvalue()
-            small = minimize(cls, list(cls.last_calls)) if cls.last_calls else None
+            small = minimize(cls, list(cls.last_calls), min(20.0, shrink_s)) if cls.last_calls else None
             if small is not None:
                 calls, err = small
                 report = (f"target {name}, seed {s}: minimized to {len(calls)} operations (replayable with "
@@ -121,9 +133,7 @@ def _run_here(name: str, budget_s: float, seed: int | None, steps_per_example: i
                           f"--- as Hypothesis reported it:\n{report}")
         examples += 10
         s += 1
-    return {"target": name, "steps": cls.steps_run, "violations": 0 if report is None else 1,
-            "failure_report": report, "seed": first_seed, "examples": examples,
-            "elapsed_s": round(time.monotonic() - t0, 2), "sglang": TARGETS[name].sglang}
+    return report, examples, s
 
 
 def describe(e: BaseException) -> str:
@@ -140,12 +150,14 @@ def describe(e: BaseException) -> str:
     return "\n".join(parts)
 
 
-def run_target(name: str, budget_s: float, seed: int | None = None) -> dict:
+def run_target(name: str, budget_s: float, seed: int | None = None, shrink_s: float | None = None) -> dict:
     """Run the conformance machine against `name` for about `budget_s` seconds.
 
     Returns {target, steps, violations, failure_report (str or None), seed, examples, elapsed_s,
     sglang} — or the same with steps=0 and `skipped` (the reason) when the target's sglang
-    version is not installed. Stops at the first disagreement, after Hypothesis minimized it."""
+    version is not installed. Stops at the first disagreement, after Hypothesis shrank it (for at most
+    `shrink_s` seconds: default max(45, budget_s) capped at 120, or $CONFORMANCE_SHRINK_S) and a
+    replay minimizer took out the steps it kept but did not need."""
     if name not in TARGETS:
         raise KeyError(f"unknown target {name!r}; known: {', '.join(TARGETS)}")
     why = unavailable_reason(name)
@@ -155,8 +167,8 @@ def run_target(name: str, budget_s: float, seed: int | None = None) -> dict:
     need = TARGETS[name].sglang
     have = shim.loaded()
     if need is not None and have is not None and have.version != need:
-        return _run_child(name, budget_s, seed)
-    return _run_here(name, budget_s, seed)
+        return _run_child(name, budget_s, seed, shrink_s)
+    return _run_here(name, budget_s, seed, shrink_s=shrink_s)
 
 
 def strict_machine(name: str) -> type[ConformanceMachine]:
@@ -193,8 +205,8 @@ def _child(args: list[str], timeout: float) -> subprocess.CompletedProcess:
                           cwd=root, env=env, timeout=timeout)
 
 
-def _run_child(name: str, budget_s: float, seed: int | None) -> dict:
-    cmd = ["--target", name, "--budget", str(budget_s), "--json"]
+def _run_child(name: str, budget_s: float, seed: int | None, shrink_s: float | None = None) -> dict:
+    cmd = ["--target", name, "--budget", str(budget_s), "--json"] + ([] if shrink_s is None else ["--shrink", str(shrink_s)])
     if seed is not None:
         cmd += ["--seed", str(seed)]
     p = _child(cmd, budget_s + 600)
@@ -212,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--all", action="store_true", help="every target that is installed here")
     ap.add_argument("--budget", type=float, default=30.0, help="seconds per target")
     ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--shrink", type=float, default=None, help="seconds Hypothesis may spend shrinking a failure")
     ap.add_argument("--json", action="store_true", help="one JSON line per target")
     ap.add_argument("--replay", help="a JSON list of recorded operations to replay on the one --target")
     ap.add_argument("--strict", action="store_true", help="with --replay: lift the target's allowances")
@@ -224,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give --target NAME or --all")
     bad = 0
     for n in dict.fromkeys(names):
-        r = run_target(n, a.budget, a.seed)
+        r = run_target(n, a.budget, a.seed, a.shrink)
         bad += r["violations"]
         if a.json:
             print(json.dumps(r), flush=True)

@@ -419,6 +419,12 @@ class SGLangHiMamba(Target):
     the machine sees settled states. Load-backs below 10 tokens are skipped upstream by policy;
     the adapter sets that threshold to 1 so small trees exercise the load path."""
 
+    # On CUDA the cache is built once per process and reset between runs: its host pools pin memory
+    # with cudaHostRegister, and MambaPoolHost's buffers are never unregistered (HostKVCache.destroy
+    # unregisters `kv_buffer` only), so a second cache in one process can fail with
+    # cudaErrorHostMemoryAlreadyRegistered (rc 712) when the allocator reuses that memory.
+    _shared = None
+
     def __init__(self):
         shim.load(V_MAMBA, real=HIMAMBA_REAL)
         from sglang.srt import runtime_context
@@ -434,6 +440,7 @@ class SGLangHiMamba(Target):
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
         if dev == "cpu":
             _cpu_stand_ins()
+        shared = SGLangHiMamba._shared
         self.info = TargetInfo("sglang-himamba", page_size=1, sidecar="mamba", ops=CORE_OPS | {"load_back", "evict_mamba"},
                                device_tokens=16, mamba_slots=6, host=True, sglang=V_MAMBA, allow=KNOWN_HIMAMBA,
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
@@ -443,6 +450,14 @@ class SGLangHiMamba(Target):
             hicache_storage_prefetch_policy="best_effort", hicache_write_policy="write_through", hicache_size=0,
             hicache_ratio=2.0, served_model_name="conformance", hicache_host_memory_mode="cache", enable_hisparse=False)
         runtime_context._CONTEXT._server_args = sa
+        self.locks = 0
+        if shared is not None:  # CUDA: one cache per process, reset between runs (see _shared)
+            self.req_pool, self.kv, self.alloc_, self.cache = shared
+            self.cache.reset()
+            self.alloc_.clear()
+            self.req_pool.mamba_allocator.clear()
+            self.k0 = self.kv.full_kv_pool.k_buffer[0]
+            return
         shape = Mamba2StateShape.create(tp_world_size=1, intermediate_size=32, n_groups=1, num_heads=2, head_dim=8,
                                         state_size=8, conv_kernel=4)
         self.req_pool = mp.HybridReqToTokenPool(
@@ -459,7 +474,8 @@ class SGLangHiMamba(Target):
         self.cache = HiMambaRadixCache(params, sa)
         self.cache.load_back_threshold = 1
         self.k0 = self.kv.full_kv_pool.k_buffer[0]  # the KV every page's contents are written to and checked in
-        self.locks = 0
+        if dev == "cuda":
+            SGLangHiMamba._shared = (self.req_pool, self.kv, self.alloc_, self.cache)
 
     # --- data: a page's KV (layer 0, K) is a function of its prefix, so any path through L2 is checked
     @staticmethod
@@ -588,9 +604,11 @@ class SGLangHiMamba(Target):
         return v
 
     def close(self) -> None:
-        import atexit
+        if SGLangHiMamba._shared is None:  # a fresh cache per run: give its host memory back
+            import atexit
 
-        atexit.unregister(self.cache.shutdown)
+            atexit.unregister(self.cache.shutdown)
+            self.cache.release_host_resources()
 
 
 def _cpu_stand_ins() -> None:

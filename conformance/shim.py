@@ -35,10 +35,15 @@ TRIMMED_ENV = "REFCACHE_SGLANG_TRIMMED"
 
 # sglang subpackages the caches import but do not use on the paths the adapters drive.
 _COMMON_STUBS = (
+    "sglang.srt.utils.hf_transformers", "sglang.srt.utils.hf_transformers_utils",
     "sglang.srt.layers", "sglang.srt.configs", "sglang.srt.managers", "sglang.srt.parser",
     "sglang.srt.function_call", "sglang.srt.model_executor", "sglang.srt.entrypoints",
     "sglang.srt.models", "sglang.srt.lora", "sglang.srt.multimodal", "sglang.srt.speculative",
 )
+# Third-party packages an sglang file always gets a stand-in for, installed or not: where they are
+# installed (a GPU image with transformers), sglang's model-registry code would run against them.
+FORCED = ("transformers", "huggingface_hub", "safetensors", "tokenizers", "torchvision", "torchaudio",
+          "flashinfer", "sgl_kernel.flash_attn")
 SUPPORTED: dict[str, tuple[str, ...]] = {
     "0.5.23": _COMMON_STUBS,
     "0.5.17": _COMMON_STUBS,
@@ -228,9 +233,10 @@ class _Finder(importlib.abc.MetaPathFinder):
 
     def find_spec(self, name, path=None, target=None):
         if self.front:
-            if not any(name == p or name.startswith(p + ".") for p in self.internal):
+            forced = any(name == p or name.startswith(p + ".") for p in FORCED) and self._from_sglang()
+            if not forced and not any(name == p or name.startswith(p + ".") for p in self.internal):
                 return None
-            if any(name == r or name.startswith(r + ".") for r in self.real):
+            if not forced and any(name == r or name.startswith(r + ".") for r in self.real):
                 return None
         else:
             if not self._from_sglang():
@@ -239,7 +245,7 @@ class _Finder(importlib.abc.MetaPathFinder):
                 return None
         self.record.add(name)
         spec = importlib.machinery.ModuleSpec(name, _StubLoader(), is_package=True)
-        if self.front:  # a stand-in package keeps its real folder, so submodules named in `real` still import
+        if self.front and name.startswith("sglang."):  # a stand-in package keeps its real folder (for `real`)
             folder = Path(self.root).parent.joinpath(*name.split("."))
             spec.submodule_search_locations = [str(folder)] if folder.is_dir() else []
         return spec
@@ -327,7 +333,7 @@ def _load_sgl_kernel_copies() -> None:
     if not libs:
         return
     torch.ops.load_library(str(libs[0]))
-    pkg = types.ModuleType("sgl_kernel")
+    pkg = _StubModule("sgl_kernel")  # its other kernels: stand-ins; kvcacheio: the real file
     pkg.__path__ = [str(d)]
     sys.modules["sgl_kernel"] = pkg
 

@@ -36,7 +36,7 @@ class TargetInfo:
     name: str
     page_size: int
     sidecar: str | None = None  # None | "mamba"
-    ops: frozenset = CORE_OPS  # plus "evict_mamba" where supported
+    ops: frozenset = CORE_OPS  # plus "evict_mamba" / "load_back" where supported
     exact_locks: bool = True  # lock counts readable; else only locked / unlocked
     stamps: bool = True  # recency stamps readable, so eviction order can be judged
     host: bool = False  # has a host tier (L2) the machine lets it fill and drain on its own
@@ -110,6 +110,12 @@ class Target(ABC):
         """Evict at least `n_tokens` device tokens if possible; returns tokens freed."""
 
     def evict_mamba(self, n: int) -> int:
+        """Free up to `n` device mamba states (op "evict_mamba"); returns states freed."""
+        raise NotImplementedError
+
+    def load_back(self, tokens: list[int]) -> int | None:
+        """Match `tokens`, load the best match end's missing device data from host (op "load_back"),
+        let it complete; returns the device match length afterwards, or None when the target declined."""
         raise NotImplementedError
 
     @abstractmethod

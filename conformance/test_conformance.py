@@ -57,7 +57,7 @@ def test_machine_catches_lock_lost_in_split_refcache():
     from refcache.cache import HiCache
 
     with mock.patch.object(HiCache, "_split", _split_drops_lock(HiCache._split)):
-        r = runner.run_target("refcache", 20, seed=0)
+        r = runner.run_target("refcache", 20, seed=0, shrink_s=3)
     assert r["violations"] == 1 and "lock" in r["failure_report"], r
 
 
@@ -76,7 +76,7 @@ def test_machine_catches_lock_lost_in_split_sglang():
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
     with mock.patch.object(RadixCache, "_split_node", _split_drops_lock(RadixCache._split_node)):
-        r = runner.run_target("sglang-radix", 20, seed=0)
+        r = runner.run_target("sglang-radix", 20, seed=0, shrink_s=3)
     assert r["violations"] == 1 and "lock" in r["failure_report"], r
 
 
