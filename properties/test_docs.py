@@ -27,3 +27,12 @@ def test_docs_generated(tmp_path):
 def test_checking_tests_are_found():
     named = checking_tests(["X2"])
     assert "tests/test_walk_finds_seeded_bugs.py::test_class1_seeded_bug_is_caught_by_x2" in named["X2"]
+
+
+def test_command_writes_pages(tmp_path, capsys):
+    from properties.docs import main
+
+    steps = tmp_path / "summary.json"
+    steps.write_text('{"clean": {"steps": 77}}')
+    assert main(["--out", str(tmp_path / "d"), "--no-proofs", "--campaign", str(steps)]) == 0
+    assert "checked in 77 stateful steps" in (tmp_path / "d" / "T1.md").read_text()

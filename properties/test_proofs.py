@@ -37,3 +37,11 @@ def test_table_prints_every_cell():
     text = table(rows)
     assert "lock" in text and "split" in text and "proved" in text
     assert all(r["status"] == "proved" for r in rows)
+
+
+def test_command_prints_the_table(capsys):
+    from properties.prove import main
+
+    assert main(["--nodes", "2", "--transition", "lock", "--transition", "unlock", "--invariant", "T2"]) == 0
+    out = capsys.readouterr().out
+    assert "lock" in out and "unlock" in out and "T2" in out and "N=2" in out
