@@ -32,17 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--out", type=Path, default=Path("reports/out"), help="report folder (default reports/out)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default=os.environ.get("REFCACHE_DEVICE", "cpu"), choices=["cpu", "cuda"])
-    v.add_argument("--nodes", type=int, default=6, help="tree size bound for the Z3 proofs (default 6)")
+    v.add_argument("--nodes", type=int, default=5,
+                   help="tree size bound for the Z3 proofs (default 5: all of them in about 35 s on one core)")
+    v.add_argument("--target", action="append", default=[], metavar="NAME",
+                   help="also run the conformance machine against a target (repeatable; e.g. sglang-radix)")
     v.add_argument("--no-proofs", action="store_true", help="skip the Z3 proofs")
     v.add_argument("--no-crosshair", action="store_true", help="skip the CrossHair checks")
     args = p.parse_args(argv)
     if args.budget <= 0:
         p.error("--budget must be positive")
     os.environ["REFCACHE_DEVICE"] = args.device  # the machines read it
+    if args.target:
+        from conformance.runner import TARGETS
+
+        unknown = [t for t in args.target if t not in TARGETS]
+        if unknown:
+            p.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
     from .verify import verify
 
     return verify(args.budget, args.out, args.seed, args.bugs, args.device, args.nodes,
-                  proofs=not args.no_proofs, crosshair=not args.no_crosshair)
+                  proofs=not args.no_proofs, crosshair=not args.no_crosshair, targets=args.target)
 
 
 if __name__ == "__main__":

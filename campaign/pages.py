@@ -23,6 +23,10 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 [[m, str(r["steps"]), f"{r['seconds']:.1f}", str(r["violations"])]
                  for m, r in summary["machines"].items()]
                 + [["all", str(summary["clean"]["steps"]), "", str(summary["clean"]["violations"])]]))
+    if summary.get("conformance"):
+        out.append(("Conformance targets", ["target", "steps", "disagreements", "note"],
+                    [[c["target"], str(c.get("steps", 0)), str(c.get("violations", 0)),
+                      c.get("skipped") or c.get("report") or ""] for c in summary["conformance"]]))
     if summary["clean_failures"]:
         out.append(("Clean-cache failures", ["machine", "check", "message", "report"],
                     [[f["machine"], f["invariant"], f["message"], f.get("report", "")] for f in summary["clean_failures"]]))
@@ -36,6 +40,9 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
         nodes = summary["proofs"][0]["nodes"]
         out.append((f"Z3 inductive proofs (trees up to {nodes} nodes)", ["invariant", *transitions],
                     [[inv, *[row.get(t, "") for t in transitions]] for inv, row in by_inv.items()]))
+    docs = summary.get("invariant_docs", "")
+    if docs:
+        out.append(("Invariant docs", ["for reviewers"], [[docs]]))
     if summary["crosshair"]:
         out.append(("CrossHair contracts", ["function", "expected", "status", "seconds"],
                     [[c["function"], c["expect"], c["status"], f"{c['seconds']:.1f}"] for c in summary["crosshair"]]))

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
 
 from models.abstract import Allowed, abstract, check_evict, check_evict_host, frame, node_prefix, same_data
+from properties.drift import check_step
 from refcache import (
     CacheConfig,
     DeterministicExecutor,
@@ -51,6 +52,10 @@ COMPONENTS = {
     "swa": dict(components=("full", "swa"), swa_window=4, extra={"device_swa_tokens": 12}),
 }
 POLICIES = ("write_through", "write_through_selective", "write_back")
+# Every DRIFT_EVERY-th step is also checked against the transition relation the Z3 proofs use
+# (properties/drift.py), so the encoding cannot drift from the code; 0 turns it off.
+DRIFT_EVERY = int(os.environ.get("REFCACHE_DRIFT_EVERY", "10"))
+_DRIFT_NAMES = {"progress": "prefetch_progress", "abort": "abort_prefetch"}
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 
 
@@ -96,6 +101,9 @@ class CacheMachine(RuleBasedStateMachine):
         errs = frame(self.model, after, allowed)
         if check is not None:
             errs += check(self.model, after)
+        op = what.split()[0]
+        if DRIFT_EVERY and CacheMachine.checked_steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
+            errs += check_step(self.snap, _DRIFT_NAMES.get(op, op), snap, max_states=2000)  # Z3 relation drift
         self.snap, self.model = snap, after
         if errs:
             raise Disagreement(f"{what}: cache and model disagree:\n  " + "\n  ".join(errs))
