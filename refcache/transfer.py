@@ -218,6 +218,8 @@ class DeterministicExecutor(Executor):
             if st.get(p) is not PartStatus.PENDING:
                 raise KeyError(f"part {p!r} of operation {op_id} is not pending")
             st[p] = run_job(self._jobs[op_id][p])
+        if self.copy_device.type == "cuda":  # "complete" means landed: the copies run async on the stream
+            torch.cuda.current_stream(self.copy_device).synchronize()
 
     def fail(self, op_id: int, part: str = "kv") -> None:
         """Fail one pending part: its copy never happens."""

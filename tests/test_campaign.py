@@ -80,7 +80,8 @@ def test_repro_fails_under_the_bug_and_passes_clean(found):
 def test_repro_is_a_standalone_pytest_file(found):
     _, _, out, files = found
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", str(out / files["repro"])]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REFCACHE_SEEDED_BUG": BUG}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "REFCACHE_SEEDED_BUG": BUG}
     bad = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1, bad.stdout[-2000:]
     env.pop("REFCACHE_SEEDED_BUG")
