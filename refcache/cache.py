@@ -12,7 +12,7 @@ that keep the tree sound are stated where they are enforced:
 from __future__ import annotations
 
 import heapq
-import operator
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -121,9 +121,9 @@ class HiCache(PrefetchMixin):
                 raise InvalidKeyError(f"token tensor must be 1-D integer, got {tokens.dtype} {tuple(tokens.shape)}")
             tokens = tokens.tolist()
         try:
-            key = tuple(operator.index(t) for t in tokens)
-        except TypeError as e:
-            raise InvalidKeyError(f"tokens must be integers: {e}") from None
+            key = tuple(array("q", tokens))  # one C loop; anything without __index__ is refused
+        except (TypeError, OverflowError) as e:
+            raise InvalidKeyError(f"tokens must be 64-bit integers: {e}") from None
         if truncate:
             return key[: page_align(len(key), self.page_size)]
         if len(key) % self.page_size:
@@ -287,7 +287,7 @@ class HiCache(PrefetchMixin):
             return InsertResult(0, False)
 
         now = self._tick()
-        node, pos, cached, touched = self.root, 0, 0, []
+        node, pos, cached, touched, changed = self.root, 0, 0, [], []
         for child, start, m in self._descend(self.root, key, now):
             if child.value is not None:
                 child.hit_count += 1
@@ -296,6 +296,7 @@ class HiCache(PrefetchMixin):
                 return InsertResult(len(key), False)
             else:  # host-only or data-less: the caller's fresh KV makes it device-resident again
                 self._adopt(child, device_indices[start : start + m])
+                changed.append(child)
             touched.append(child)
             node, pos = child, start + m
         if pos < len(key):
@@ -303,14 +304,16 @@ class HiCache(PrefetchMixin):
             leaf = self._add_leaf(node, key[pos:], page_hashes(parent_hash, key[pos:], self.page_size), now)
             self._adopt(leaf, device_indices[pos:])
             touched.append(leaf)
+            changed.append(leaf)
             node = leaf
         used = False
         if (mamba_slot is not None and node.mamba_value is None and node.value is not None
                 and node.id not in self._busy):  # a load may be bringing its state
             node.mamba_value = mamba_slot
             self._caller_states.discard(int(mamba_slot.item()))
+            changed.append(node)
             used = True
-        self.book.touch(*touched)
+        self.book.touch(*changed)  # nodes only passed (stamped) keep their bookkeeping
         if self.config.write_policy is WritePolicy.WRITE_THROUGH:
             for n in touched:
                 self._try_backup(n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 
+import numpy as np
 import torch
 
 from .errors import InvalidIndicesError
@@ -101,16 +102,17 @@ class PageAllocator:
         """Page numbers of page-aligned slot indices (validated)."""
         self.check_indices(indices)
         ps = self.page_size
-        flat = indices.tolist()
-        pages = []
-        for i in range(0, len(flat), ps):
-            first = flat[i]
-            if first % ps or flat[i : i + ps] != list(range(first, first + ps)):
-                raise InvalidIndicesError(f"{self.name}: slots {flat[i:i + ps]} are not one aligned page")
-            if not 0 <= first < self.capacity:
-                raise InvalidIndicesError(f"{self.name}: slot {first} out of range [0, {self.capacity})")
-            pages.append(first // ps)
-        return pages
+        rows = indices.cpu().numpy().reshape(-1, ps)  # numpy: small-array checks cost microseconds
+        first = rows[:, 0]
+        aligned = (first % ps == 0) & (rows == first[:, None] + np.arange(ps)).all(1)
+        if not aligned.all():  # name the first bad page
+            bad = int(np.flatnonzero(~aligned)[0])
+            raise InvalidIndicesError(f"{self.name}: slots {rows[bad].tolist()} are not one aligned page")
+        inside = (first >= 0) & (first < self.capacity)
+        if not inside.all():
+            bad = int(np.flatnonzero(~inside)[0])
+            raise InvalidIndicesError(f"{self.name}: slot {int(first[bad])} out of range [0, {self.capacity})")
+        return (first // ps).tolist()
 
 
 class KVPool:
