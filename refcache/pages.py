@@ -43,12 +43,13 @@ def match_length(a: Sequence[int], b: Sequence[int], page_size: int) -> int:
     """
     n = min(len(a), len(b))
     n -= n % page_size
+    ta = a if isinstance(a, tuple) else tuple(a)
+    tb = b if isinstance(b, tuple) else tuple(b)
+    if ta[:n] == tb[:n]:  # the common case in a tree walk: one comparison in C
+        return n
     i = 0
-    while i < n:
-        j = i + page_size
-        if list(a[i:j]) != list(b[i:j]):
-            break
-        i = j
+    while i < n and ta[i : i + page_size] == tb[i : i + page_size]:
+        i += page_size
     return i
 
 
