@@ -236,7 +236,7 @@ SEEDED_BUGS: dict[str, SeededBug] = {
     # ---- the five classes of DESIGN §4 (the seeds)
     "class1_terminate_with_pool_in_flight": SeededBug(
         1, "prefetch terminated once its pages arrived while its mamba pool transfer is in flight (X2, X3)",
-        prefetch_terminates_with_pool_in_flight, ("mamba/write_through", "mamba/write_back"),
+        prefetch_terminates_with_pool_in_flight, ("mamba/write_back", "mamba/write_through"),
         "A hybrid model's prefetch reads KV pages and the prefix's recurrent state from L3. The progress check looks "
         "only at the pages: once they are in, the request goes ahead while the state copy still runs, and the "
         "bookkeeping of the finished prefetch no longer waits for it; upstream the request hung. Caught by X2 and by "
@@ -270,7 +270,7 @@ SEEDED_BUGS: dict[str, SeededBug] = {
         "the machines' lock-target prediction.", ("sgl-project/sglang#25088",)),
     "class5_cascade_ignores_host_ref": SeededBug(
         5, "tombstone cascade deletes a node an in-flight prefetch or load still host-references (T3)",
-        cascade_ignores_host_ref, ("mamba/write_through", "mamba/write_back"),
+        cascade_ignores_host_ref, ("mamba/write_back", "mamba/write_through"),
         "Deleting a childless tombstone cascades upward and checks device locks but not host references, so it "
         "removes the anchor a prefetch or load-back still uses; upstream the next deletion failed with 'parent does "
         "not have child key'. Caught by T3 (host-referenced nodes stay attached).", ("sgl-project/sglang#23696",)),
@@ -320,7 +320,7 @@ SEEDED_BUGS: dict[str, SeededBug] = {
         ("sgl-project/sglang#27631", "sgl-project/sglang#31427")),
     "cascade_through_locked_node": SeededBug(
         0, "tombstone cascade deletes a node an in-flight request holds a lock on",
-        lambda: mock.patch.object(HiCache, "_cascade", _cascade_ignoring_locks), ("mamba/write_through", "mamba/write_back"),
+        lambda: mock.patch.object(HiCache, "_cascade", _cascade_ignoring_locks), ("mamba/write_back", "mamba/write_through"),
         "The upward cascade that removes childless tombstones does not look at lock counts, so it deletes a node "
         "whose device KV a running request has locked. Caught by T2 and by the model's lock counts.",
         ("sgl-project/sglang#21379",)),
