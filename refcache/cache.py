@@ -31,7 +31,7 @@ from .errors import (
     UnknownNodeError,
 )
 from .node import TreeNode
-from .pages import ROOT_HASH, match_length, page_align, page_hashes
+from .pages import match_length, page_align
 from .pools import INDEX_DTYPE, KVPool, StatePool, copy_kv
 from .prefetch import PrefetchMixin
 from .tp import RankGroup, SingleRank
@@ -98,7 +98,7 @@ class HiCache(PrefetchMixin):
         if executor is None:
             executor = CudaExecutor(dev) if dev.type == "cuda" else DeterministicExecutor(auto_complete=True)
         self.executor = executor
-        self.root = TreeNode()
+        self.root = TreeNode(page_size=self.page_size)
         self._nodes: dict[int, TreeNode] = {self.root.id: self.root}
         self.book = Bookkeeping()
         self.ops: dict[int, Operation] = {}
@@ -121,7 +121,11 @@ class HiCache(PrefetchMixin):
                 raise InvalidKeyError(f"token tensor must be 1-D integer, got {tokens.dtype} {tuple(tokens.shape)}")
             tokens = tokens.tolist()
         try:
-            key = tuple(array("q", tokens))  # one C loop; anything without __index__ is refused
+            if type(tokens) in (list, tuple):  # keep the caller's int objects; the array only validates
+                key = tuple(tokens)
+                array("q", key)
+            else:
+                key = tuple(array("q", tokens))  # one C loop; anything without __index__ is refused
         except (TypeError, OverflowError) as e:
             raise InvalidKeyError(f"tokens must be 64-bit integers: {e}") from None
         if truncate:
@@ -236,8 +240,9 @@ class HiCache(PrefetchMixin):
         tail and the mamba state (valid only for the full prefix)."""
         ps = self.page_size
         parent = child.parent
-        upper = TreeNode(child.key[:at], parent, child.hashes[: at // ps])
-        child.key, child.hashes = child.key[at:], child.hashes[at // ps :]
+        h = child._hashes  # None stays None: both halves compute theirs on first use
+        upper = TreeNode(child.key[:at], parent, None if h is None else h[: at // ps])
+        child.key, child.hashes = child.key[at:], None if h is None else h[at // ps :]
         if child.value is not None:
             upper.value, child.value = child.value[:at], child.value[at:]
         if child.host_value is not None:
@@ -286,7 +291,7 @@ class HiCache(PrefetchMixin):
         if not key:
             return InsertResult(0, False)
 
-        now = self._tick()
+        now, ps = self._tick(), self.page_size
         node, pos, cached, touched, changed = self.root, 0, 0, [], []
         for child, start, m in self._descend(self.root, key, now):
             if child.value is not None:
@@ -295,14 +300,13 @@ class HiCache(PrefetchMixin):
             elif child.id in self._busy:  # a load-back is bringing it: take nothing
                 return InsertResult(len(key), False)
             else:  # host-only or data-less: the caller's fresh KV makes it device-resident again
-                self._adopt(child, device_indices[start : start + m])
+                self._adopt(child, device_indices[start : start + m], pages[start // ps : (start + m) // ps])
                 changed.append(child)
             touched.append(child)
             node, pos = child, start + m
         if pos < len(key):
-            parent_hash = node.hashes[-1] if node.hashes else ROOT_HASH
-            leaf = self._add_leaf(node, key[pos:], page_hashes(parent_hash, key[pos:], self.page_size), now)
-            self._adopt(leaf, device_indices[pos:])
+            leaf = self._add_leaf(node, key[pos:], None, now)  # hashes on first use
+            self._adopt(leaf, device_indices[pos:], pages[pos // ps :])
             touched.append(leaf)
             changed.append(leaf)
             node = leaf
@@ -336,21 +340,20 @@ class HiCache(PrefetchMixin):
             yield child, pos, m
             node, pos = child, pos + m
 
-    def _add_leaf(self, parent: TreeNode, key: tuple[int, ...], hashes: list[int], now: int) -> TreeNode:
+    def _add_leaf(self, parent: TreeNode, key: tuple[int, ...], hashes: list[int] | None, now: int) -> TreeNode:
         leaf = TreeNode(key, parent, hashes)
         leaf.last_access = now
         parent.children[key[: self.page_size]] = leaf
         self._nodes[leaf.id] = leaf
         return leaf
 
-    def _adopt(self, node: TreeNode, indices: torch.Tensor) -> None:
+    def _adopt(self, node: TreeNode, indices: torch.Tensor, pages: list[int]) -> None:
+        """The tree takes the caller's slots `indices` (already validated: their `pages`)."""
         node.value = indices
         node.swa = self.config.sidecar == "swa"
-        n_pages = indices.numel() // self.page_size
-        for p in self.device_kv.allocator.pages_of(indices):
-            self._caller_pages.discard(p)
+        self._caller_pages.difference_update(pages)
         if node.swa:
-            self._caller_swa -= n_pages * self.page_size
+            self._caller_swa -= len(pages) * self.page_size
 
     def _check_state_arg(self, slot: torch.Tensor | None) -> None:
         if not self.config.has("mamba"):

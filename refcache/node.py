@@ -6,6 +6,7 @@ import itertools
 
 import torch
 
+from .pages import ROOT_HASH, page_hashes
 from .transfer import PoolTransfer
 
 _ids = itertools.count()
@@ -23,10 +24,10 @@ class TreeNode:
 
     __slots__ = ("id", "key", "parent", "children", "value", "host_value", "mamba_value",
                  "mamba_host", "swa", "swa_host", "lock_ref", "host_ref", "last_access",
-                 "hit_count", "hashes", "acct", "__weakref__")
+                 "hit_count", "_hashes", "page_size", "acct", "__weakref__")
 
     def __init__(self, key: tuple[int, ...] = (), parent: TreeNode | None = None,
-                 hashes: list[int] | None = None):
+                 hashes: list[int] | None = None, page_size: int | None = None):
         self.id: int = next(_ids)
         self.key = key
         self.parent = parent
@@ -41,8 +42,29 @@ class TreeNode:
         self.host_ref = 0
         self.last_access = 0
         self.hit_count = 0
-        self.hashes: list[int] = hashes or []
+        self.page_size: int = page_size or (parent.page_size if parent is not None else 1)
+        self._hashes: list[int] | None = [] if parent is None else hashes  # None: not computed yet
         self.acct: tuple = ()  # this node's current contribution to the derived bookkeeping
+
+    @property
+    def hashes(self) -> list[int]:
+        """Chain hashes of this node's pages (the L3 keys). Computed on first use, from the nearest
+        ancestor that has them: only L3 and the data oracle read them, so a device-only insert
+        does not pay for hashing."""
+        if self._hashes is None:
+            pending, n = [], self
+            while n._hashes is None:
+                pending.append(n)
+                n = n.parent
+            h = n._hashes[-1] if n._hashes else ROOT_HASH
+            for m in reversed(pending):
+                m._hashes = page_hashes(h, m.key, m.page_size)
+                h = m._hashes[-1]
+        return self._hashes
+
+    @hashes.setter
+    def hashes(self, value: list[int] | None) -> None:
+        self._hashes = value
 
     # -- tiers -----------------------------------------------------------------------------
     @property

@@ -44,6 +44,7 @@ class PageAllocator:
         self._free: list[int] = list(range(capacity // page_size))
         heapq.heapify(self._free)
         self._allocated: set[int] = set()
+        self._offsets = np.arange(page_size)
 
     # -- queries ---------------------------------------------------------------------------
     def available(self) -> int:
@@ -102,15 +103,14 @@ class PageAllocator:
         """Page numbers of page-aligned slot indices (validated)."""
         self.check_indices(indices)
         ps = self.page_size
-        rows = indices.cpu().numpy().reshape(-1, ps)  # numpy: small-array checks cost microseconds
+        rows = indices.cpu().numpy().reshape(-1, ps) - self._offsets  # a page's row is constant
         first = rows[:, 0]
-        aligned = (first % ps == 0) & (rows == first[:, None] + np.arange(ps)).all(1)
+        aligned = (rows == first[:, None]).all(1) & (first % ps == 0)
         if not aligned.all():  # name the first bad page
             bad = int(np.flatnonzero(~aligned)[0])
-            raise InvalidIndicesError(f"{self.name}: slots {rows[bad].tolist()} are not one aligned page")
-        inside = (first >= 0) & (first < self.capacity)
-        if not inside.all():
-            bad = int(np.flatnonzero(~inside)[0])
+            raise InvalidIndicesError(f"{self.name}: slots {(rows[bad] + self._offsets).tolist()} are not one aligned page")
+        if first.size and (first.min() < 0 or first.max() >= self.capacity):
+            bad = int(np.flatnonzero((first < 0) | (first >= self.capacity))[0])
             raise InvalidIndicesError(f"{self.name}: slot {int(first[bad])} out of range [0, {self.capacity})")
         return (first // ps).tolist()
 

@@ -142,6 +142,25 @@ def test_insert_diverging_key_splits_node(make_cache):
     assert pages_ok(cache, T[:4] + [50, 51], cache.match_prefix(T[:4] + [50, 51]).device_indices)
 
 
+def test_chain_hashes_are_computed_on_first_use_and_survive_splits(make_cache):
+    """A device-only insert hashes nothing (only L3 and the data oracle read the hashes); hashes
+    computed later, on either side of splits made before or after, chain from the root exactly
+    as hashing the whole key would."""
+    from refcache.pages import ROOT_HASH, page_hashes
+
+    cache = make_cache(**NO_BACKUP)
+    put(cache, T)
+    leaf = find(cache, T)
+    assert leaf._hashes is None
+    cache.match_prefix(T[:2] + [99, 98])  # split before any hash exists: both halves stay lazy
+    upper = leaf.parent
+    assert upper._hashes is None and leaf._hashes is None
+    want = page_hashes(ROOT_HASH, T, 2)
+    assert leaf.hashes == want[1:] and upper.hashes == want[:1]
+    cache.match_prefix(T[:6] + [99, 98])  # split after: the halves share the computed list
+    assert leaf.hashes == want[3:] and leaf.parent.hashes == want[1:3]
+
+
 def test_insert_fully_cached_returns_full_length(make_cache):
     """Re-inserting a cached prefix takes nothing: cached_len == len and the caller frees every slot."""
     cache = make_cache(**NO_BACKUP)
