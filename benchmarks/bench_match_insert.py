@@ -96,6 +96,31 @@ class _Alloc:
         self.free_pages.extend((idx[:: self.page] // self.page).tolist())
 
 
+def unchecked_refcache():
+    """Patches out refcache's input validation (token ints, slot pages and ownership) for one run,
+    to show what it costs: the only difference from the plain run. Not a mode of the cache."""
+    from unittest import mock
+
+    from refcache.cache import HiCache
+    from refcache.pools import PageAllocator
+
+    def key(self, tokens, truncate):
+        k = tuple(tokens)
+        return k[: len(k) - len(k) % self.page_size] if truncate else k
+
+    def pages(self, idx):
+        return (idx[:: self.page_size] // self.page_size).tolist()
+
+    return mock.patch.multiple(HiCache, _key=key), mock.patch.multiple(PageAllocator, pages_of=pages)
+
+
+def run_refcache_unchecked(reqs: list[list[int]], page: int, capacity: int) -> dict:
+    a, b = unchecked_refcache()
+    with a, b:
+        r = run_refcache(reqs, page, capacity)
+    return dict(r, name="refcache, validation patched out")
+
+
 def run_sglang_radix(reqs: list[list[int]], page: int, capacity: int) -> dict:
     from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
@@ -155,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per cache; the best is reported")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--unified", action="store_true", help="also UnifiedRadixCache, Python and Rust tree cores")
+    ap.add_argument("--unchecked", action="store_true",
+                    help="also refcache with its input validation patched out (what validation costs)")
     a = ap.parse_args(argv)
     why = shim.missing_reason("0.5.23")
     if why:
@@ -165,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     cap = sum(map(len, reqs)) + a.page_size
     runs = [("refcache", lambda: run_refcache(reqs, a.page_size, cap)),
             ("radix", lambda: run_sglang_radix(reqs, a.page_size, cap))]
+    if a.unchecked:
+        runs.append(("refcache-unchecked", lambda: run_refcache_unchecked(reqs, a.page_size, cap)))
     if a.unified:
         runs += [(f"unified-{k}", lambda k=k: run_sglang_unified(reqs, a.page_size, cap, k)) for k in ("python", "rust")]
     best: dict[str, dict] = {}

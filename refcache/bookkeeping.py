@@ -16,7 +16,12 @@ if TYPE_CHECKING:
 
 def is_device_leaf(node: TreeNode) -> bool:
     """On device, and no child is on device."""
-    return node.value is not None and not any(c.value is not None for c in node.children.values())
+    if node.value is None:
+        return False
+    for c in node.children.values():  # a loop, not any(<generator>): this runs on every insert
+        if c.value is not None:
+            return False
+    return True
 
 
 def device_evictable(node: TreeNode) -> bool:
@@ -67,15 +72,18 @@ class Bookkeeping:
         """Re-derive each node's (and its parent's) entries after any change to it."""
         for node in nodes:
             self._update(node)
-            if node.parent is not None:
-                self._update(node.parent)
+            if node.parent is not None:  # a child on device settles the parent's leafness without a scan
+                self._update(node.parent, node.value is not None)
 
     def forget(self, node: TreeNode) -> None:
         """Take back a detached node's contribution."""
         self._apply(node, Counter(), False, False)
 
-    def _update(self, node: TreeNode) -> None:
-        self._apply(node, contribution(node), device_evictable(node), host_evictable(node))
+    def _update(self, node: TreeNode, has_device_child: bool = False) -> None:
+        """`has_device_child`: known to have a child on device (a shared prefix may have thousands
+        of children; scanning them on every insert below it made insert O(children))."""
+        dev = False if has_device_child else device_evictable(node)
+        self._apply(node, contribution(node), dev, host_evictable(node))
 
     def _apply(self, node: TreeNode, contrib: Counter, dev: bool, host: bool) -> None:
         if node.acct:

@@ -103,16 +103,16 @@ class PageAllocator:
         """Page numbers of page-aligned slot indices (validated)."""
         self.check_indices(indices)
         ps = self.page_size
-        rows = indices.cpu().numpy().reshape(-1, ps) - self._offsets  # a page's row is constant
+        rows = indices.cpu().numpy().reshape(-1, ps)
         first = rows[:, 0]
-        aligned = (rows == first[:, None]).all(1) & (first % ps == 0)
-        if not aligned.all():  # name the first bad page
-            bad = int(np.flatnonzero(~aligned)[0])
-            raise InvalidIndicesError(f"{self.name}: slots {(rows[bad] + self._offsets).tolist()} are not one aligned page")
-        if first.size and (first.min() < 0 or first.max() >= self.capacity):
-            bad = int(np.flatnonzero((first < 0) | (first >= self.capacity))[0])
-            raise InvalidIndicesError(f"{self.name}: slot {int(first[bad])} out of range [0, {self.capacity})")
-        return (first // ps).tolist()
+        if (rows != first[:, None] + self._offsets).any() or (first % ps).any():  # name the first bad page
+            bad = int(np.flatnonzero((rows != first[:, None] + self._offsets).any(1) | (first % ps != 0))[0])
+            raise InvalidIndicesError(f"{self.name}: slots {rows[bad].tolist()} are not one aligned page")
+        pages = (first // ps).tolist()
+        if pages and (min(pages) < 0 or max(pages) >= self.capacity // ps):
+            bad = next(p for p in pages if not 0 <= p < self.capacity // ps)
+            raise InvalidIndicesError(f"{self.name}: slot {bad * ps} out of range [0, {self.capacity})")
+        return pages
 
 
 class KVPool:
