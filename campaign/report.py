@@ -69,11 +69,30 @@ def _allowed(state, line: str) -> bool:
     return all(p(state) for p in preconditions)
 
 
+_NAME = re.compile(r"\b[a-z]+_\d+\b")  # the variables Hypothesis names bundle values: requests_0, nodes_3
+
+
+def dependents(rules: list[str], i: int) -> list[int]:
+    """Line `i` and every later line that uses a value it (or such a line) defined: dropping a
+    definition alone leaves a program that does not replay, so it must go with its users."""
+    group, names = [i], set()
+    for k in range(i, len(rules)):
+        lhs, eq, rhs = rules[k].partition(" = ")
+        used = set(_NAME.findall(rhs if eq else lhs))
+        if k == i or used & names:
+            if k != i:
+                group.append(k)
+            if eq:
+                names |= set(_NAME.findall(lhs))
+    return group
+
+
 def minimize(machine: str, rules: list[str], check: str, bug: str | None = None) -> list[str]:
-    """Drop rule calls — one at a time, then two at a time, repeating until none can go — while
-    the replay still fails: the same `check` on the clean cache; any check under a seeded bug, since
-    the clean cache passes every program. Hypothesis's shrinker is thorough but slow on expensive
-    steps, and it may stop at its time cap."""
+    """Drop rule calls — a definition with every line using it, then one line at a time, then
+    two at a time, repeating until none can go — while the replay still fails: the same `check`
+    on the clean cache; any check under a seeded bug, since the clean cache passes every
+    program. Hypothesis's shrinker is thorough but slow on expensive steps, and it may stop at
+    its time cap."""
 
     def still_fails(trial: list[str]) -> bool:
         try:
@@ -82,14 +101,19 @@ def minimize(machine: str, rules: list[str], check: str, bug: str | None = None)
             return False
         return r.failed and (bug is not None or r.check == check)
 
+    def without(lines: list[str], drop) -> list[str]:
+        return [r for k, r in enumerate(lines) if k not in drop]
+
     cur = list(rules)
     while True:
+        for i in range(len(cur) - 1, -1, -1):
+            if i < len(cur) and len(group := dependents(cur, i)) > 1 and still_fails(trial := without(cur, set(group))):
+                cur = trial
         for i in range(len(cur) - 1, -1, -1):
             if i < len(cur) and still_fails(trial := cur[:i] + cur[i + 1:]):
                 cur = trial
         pairs = ((i, j) for j in range(len(cur) - 1, 0, -1) for i in range(j - 1, -1, -1))
-        smaller = next((t for i, j in pairs if still_fails(t := [r for k, r in enumerate(cur) if k not in (i, j)])),
-                       None)
+        smaller = next((t for i, j in pairs if still_fails(t := without(cur, (i, j)))), None)
         if smaller is None:
             return cur
         cur = smaller

@@ -17,7 +17,7 @@ import pytest
 
 from campaign.cli import main
 from campaign.hunt import failure_check, hunt
-from campaign.report import ascii_tree, build_report, replay
+from campaign.report import ascii_tree, build_report, dependents, replay
 from stateful_tests.seeded_bugs import SEEDED_BUGS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,22 @@ def test_repro_is_a_standalone_pytest_file(found):
     env.pop("REFCACHE_SEEDED_BUG")
     good = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert good.returncode == 0, good.stdout[-2000:]
+
+
+def test_dependents_groups_a_definition_with_its_users():
+    """Dropping `requests_0 = ...` alone leaves a program that does not replay; the minimizer
+    tries it together with every line that uses it, transitively."""
+    prog = ["requests_0 = state.first_request(tokens=[1, 1, 2, 2])",
+            "requests_1 = state.insert_new(tokens=[3, 3])",
+            "(nodes_0,) = state.match(extra=[], tokens=requests_0)",
+            "state.settle()",
+            "state.lock(node=nodes_0)",
+            "state.insert(tokens=requests_1)",
+            "requests_10 = state.insert_new(tokens=[4, 4])"]
+    assert dependents(prog, 0) == [0, 2, 4]
+    assert dependents(prog, 1) == [1, 5]
+    assert dependents(prog, 3) == [3]
+    assert dependents(prog, 6) == [6]
 
 
 def test_replay_of_a_clean_program_passes():
