@@ -51,6 +51,9 @@ TARGETS: dict[str, TargetSpec] = {
     "sglang-unified-rust": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
                                       "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2"),
     "sglang-mamba": TargetSpec("sglang_targets:SGLangMamba", "0.5.17", "SGLang MambaRadixCache 0.5.17, page 1", 1),
+    "sglang-hiradix": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
+                                 "SGLang HiRadixCache 0.5.17 (HiCache: write-through, direct IO), page 2; "
+                                 "a GPU, or CPU stand-ins for pinning and copies"),
     "sglang-himamba": TargetSpec("sglang_targets:SGLangHiMamba", "0.5.17",
                                  "SGLang HiMambaRadixCache 0.5.17 (write-through, direct IO), page 1; "
                                  "a GPU, or CPU stand-ins for pinning and copies", 1),
@@ -198,11 +201,15 @@ def replay_calls(name: str, calls: list, strict: bool = False) -> str | None:
     return None if err is None else f"{type(err).__name__}: {err}"
 
 
+def child_env(root) -> dict[str, str]:
+    """The environment of a child process that imports this project from `root`."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
 def _child(args: list[str], timeout: float) -> subprocess.CompletedProcess:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, "-m", "conformance.runner", *args], capture_output=True, text=True,
-                          cwd=root, env=env, timeout=timeout)
+                          cwd=root, env=child_env(root), timeout=timeout)
 
 
 def _run_child(name: str, budget_s: float, seed: int | None, shrink_s: float | None = None) -> dict:

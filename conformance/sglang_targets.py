@@ -9,6 +9,11 @@
   (eviction order is not judged there).
 - `sglang-mamba` (0.5.17): `MambaRadixCache`, page size 1 (its v1 requires it), KV and mamba
   state slots from `SlotBook`s behind the allocator classes it checks for.
+- `sglang-hiradix` (0.5.17): `HiRadixCache`, SGLang's HiCache (device KV backed by a host tier),
+  with its real cache controller and host pool; page size 2, write-through, load-back.
+- `sglang-himamba` (0.5.17): `HiMambaRadixCache`, the same for full KV + mamba state, page size 1.
+  These two run on a GPU with SGLang's own copy kernels, or on the CPU with stand-ins for pinning
+  and the kernels (conformance/kernels.py).
 
 Every adapter also runs the target's own `sanity_check` where it has one, checks that every slot
 is accounted for once (R1), that every tree value holds the prefix it sits under (D1), and that
@@ -605,6 +610,156 @@ class SGLangHiMamba(Target):
 
     def close(self) -> None:
         if SGLangHiMamba._shared is None:  # a fresh cache per run: give its host memory back
+            import atexit
+
+            atexit.unregister(self.cache.shutdown)
+            self.cache.release_host_resources()
+
+
+# ======================================================= HiRadixCache (0.5.17)
+class SGLangHiRadix(Target):
+    """HiRadixCache (SGLang's HiCache: device KV backed by a host tier) with its real
+    HiCacheController and MHA host pool; page size 2, write-through, io_backend "direct" with the
+    page-first-direct host layout. Without CUDA the pinning and copy kernels are stood in for, as
+    for sglang-himamba. A single rank: the TP all-reduces are skipped (world size 1). Every
+    operation is followed by draining the controller's acknowledgements, so the machine sees
+    settled states; the load-back threshold is set to 1 so small trees exercise the load path.
+    Its best_match_node is the deepest matched node that is backed up; with write-through and a
+    host tier larger than the device, that is the spec's deepest node with data on any tier."""
+
+    _shared = None  # on CUDA one cache per process, reset between runs (pinned host memory: see SGLangHiMamba)
+
+    def __init__(self):
+        shim.load(V_MAMBA, real=HIMAMBA_REAL)
+        from unittest import mock
+
+        from sglang.srt import runtime_context
+        from sglang.srt.mem_cache import base_prefix_cache as b
+        from sglang.srt.mem_cache import cache_init_params as cip
+        from sglang.srt.mem_cache import memory_pool as mp
+        from sglang.srt.mem_cache import radix_cache as r
+        from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+        from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+
+        self.b, self.r = b, r
+        self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cpu":
+            _cpu_stand_ins()
+        ps = 2
+        self.info = TargetInfo("sglang-hiradix", page_size=ps, ops=CORE_OPS | {"load_back"}, device_tokens=16, host=True,
+                               sglang=V_MAMBA, allow=KNOWN,
+                               notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
+        sa = types.SimpleNamespace(
+            hicache_io_backend="direct", hicache_mem_layout="page_first_direct", hicache_storage_backend=None,
+            extra_metric_labels=None, hicache_storage_backend_extra_config=None,
+            hicache_storage_prefetch_policy="best_effort", hicache_write_policy="write_through", hicache_size=0,
+            hicache_ratio=1.5, served_model_name="conformance", hicache_host_memory_mode="cache", enable_hisparse=False)
+        runtime_context._CONTEXT._server_args = sa
+        self.locks = 0
+        if SGLangHiRadix._shared is not None:
+            self.kv, self.alloc_, self.cache = SGLangHiRadix._shared
+            self.cache.reset()
+            self.alloc_.clear()
+            self.k0 = self.kv.k_buffer[0]
+            return
+        n = self.info.device_tokens
+        self.kv = mp.MHATokenToKVPool(size=n, page_size=ps, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
+                                      device=dev, enable_memory_saver=False)
+        self.alloc_ = PagedTokenToKVPoolAllocator(size=n, page_size=ps, dtype=torch.bfloat16, device=dev,
+                                                  kvcache=self.kv, need_sort=False)
+        params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
+                                     page_size=ps)
+        with mock.patch.object(torch.distributed, "get_world_size", lambda group=None: 1):  # one rank, no group
+            self.cache = HiRadixCache(params, sa)
+        self.cache.load_back_threshold = 1
+        self.k0 = self.kv.k_buffer[0]  # the KV every page's contents are written to and checked in
+        if dev == "cuda":
+            SGLangHiRadix._shared = (self.kv, self.alloc_, self.cache)
+
+    _val = staticmethod(SGLangHiMamba._val)
+    _settle = SGLangHiMamba._settle
+    _key = SGLangHiMamba._key
+    alive = SGLangRadix.alive
+    node_prefix = SGLangRadix.node_prefix
+    locked_prefix = SGLangRadix.locked_prefix
+    _nodes = SGLangRadix._nodes
+    data_ok = SGLangHiMamba.data_ok
+    evict = SGLangHiMamba.evict
+
+    def alloc(self, tokens):
+        n, c = len(tokens), self.cache
+        if self.alloc_.available_size() < n:
+            c.evict(self.b.EvictParams(num_tokens=n - self.alloc_.available_size()))
+            self._settle()
+        idx = self.alloc_.alloc(n)
+        if idx is None:
+            raise TargetError(f"{n} tokens needed, {self.alloc_.available_size()} free after eviction")
+        for i, s in enumerate(idx.tolist()):
+            self.k0[s].fill_(self._val(tokens[: i + 1]))
+        return idx
+
+    def insert(self, tokens, kv):
+        res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv))
+        self.alloc_.free(kv[: res.prefix_len])  # the duplicates stay the caller's to free
+        self._settle()
+        return Inserted(res.prefix_len)
+
+    def match(self, tokens):
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._settle()
+        best = len(self.node_prefix(m.best_match_node))
+        return Match(device_len=m.device_indices.numel(), best_len=best, node=m.last_device_node,
+                     device_indices=m.device_indices.tolist())
+
+    def load_back(self, tokens) -> int | None:
+        """Match, then load `best_match_node` back as the scheduler's init_load_back does; None when
+        the cache declined. Returns the device match length afterwards."""
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        node = m.best_match_node
+        if node is not self.cache.root_node and node.evicted:
+            got = self.cache.load_back(node)
+            self.cache.ready_to_load_host_cache()
+            self._settle()
+            if got is None:
+                return None
+        return self.match(tokens).device_len
+
+    def lock(self, node):
+        self.cache.inc_lock_ref(node)
+        self.locks += 1
+        return node
+
+    def unlock(self, lock):
+        self.cache.dec_lock_ref(lock)
+        self.locks -= 1
+
+    def abstract(self) -> Model:
+        m = Model(page_size=self.info.page_size, sidecar=None, window=0)
+        for n, pre in self._nodes():
+            for p in _pages(self.info.page_size, pre, len(n.key)):
+                m.pages[p] = Page(dev=n.value is not None, host=n.host_value is not None, lock=n.lock_ref,
+                                  host_ref=n.host_ref_counter, stamp=n.last_access_time)
+        return m
+
+    def check(self) -> list[str]:
+        v, ev, pr = [], 0, 0
+        for n, pre in self._nodes():
+            if n.value is not None:
+                got = [float(self.k0[s].flatten()[0]) for s in n.value.tolist()]
+                want = [self._val(pre[: len(pre) - len(got) + i + 1]) for i in range(len(got))]
+                if got != want:
+                    v.append(f"D1: node {pre} holds device KV that is not its prefix's")
+                if n.lock_ref == 0:
+                    ev += len(n.key)
+                else:
+                    pr += len(n.key)
+        if not self.cache.ongoing_write_through and (ev, pr) != (self.cache.evictable_size(), self.cache.protected_size()):
+            v.append(f"R2: evictable/protected sizes {(self.cache.evictable_size(), self.cache.protected_size())}, "
+                     f"the tree sums to {(ev, pr)}")
+        return v
+
+    def close(self) -> None:
+        if SGLangHiRadix._shared is None:  # a fresh cache per run: give its host memory back
             import atexit
 
             atexit.unregister(self.cache.shutdown)

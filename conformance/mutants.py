@@ -1,0 +1,132 @@
+"""Mutants of the caches under test: each one a known bug class patched into one target, to show
+that the conformance machine fails on that target when it should (a suite that cannot fail proves
+nothing).
+
+    python -m conformance.mutants NAME [--budget S] [--seed N]   # one JSON line: the run's result
+
+A mutant runs in this process when it can, else in a child process: one process can hold only one
+sglang version, and the patch has to be applied where the cache runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+from . import runner, shim
+from .sglang_targets import HIMAMBA_REAL
+
+
+@dataclass(frozen=True)
+class Mutant:
+    target: str
+    bug: str
+    patch: Callable[[], contextlib.AbstractContextManager]
+    signs: tuple[str, ...]  # what a report of this bug shows (any one of them)
+
+
+def _split_drops_lock(cls, method: str):
+    """The classic bug: a split gives the new upper node no lock count."""
+    orig = getattr(cls, method)
+
+    def split(self, *a, **k):
+        upper = orig(self, *a, **k)
+        upper.lock_ref = 0
+        return upper
+
+    return mock.patch.object(cls, method, split)
+
+
+def _refcache_split_drops_lock():
+    from refcache.cache import HiCache
+
+    return _split_drops_lock(HiCache, "_split")
+
+
+def _radix_split_drops_lock():
+    shim.load("0.5.23")
+    from sglang.srt.mem_cache.radix_cache import RadixCache
+
+    return _split_drops_lock(RadixCache, "_split_node")
+
+
+def _hiradix_split_keeps_host():
+    """The lower half of a split keeps the whole host copy (refcache's seeded bug
+    `split_keeps_whole_host_value`, here in SGLang's HiCache)."""
+    shim.load(runner.TARGETS["sglang-hiradix"].sglang, real=HIMAMBA_REAL)
+    from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+
+    orig = HiRadixCache._split_node
+
+    def split(self, key, child, split_len):
+        whole = child.host_value
+        upper = orig(self, key, child, split_len)
+        if whole is not None:
+            child.host_value = whole
+        return upper
+
+    return mock.patch.object(HiRadixCache, "_split_node", split)
+
+
+MUTANTS: dict[str, Mutant] = {
+    "refcache-split-drops-lock": Mutant("refcache", "a split gives the upper node no lock count",
+                                        _refcache_split_drops_lock, ("lock",)),
+    "sglang-radix-split-drops-lock": Mutant("sglang-radix", "a split gives the upper node no lock count",
+                                            _radix_split_drops_lock, ("lock",)),
+    # a later load-back brings back more than the node's key (the model disagrees), or host
+    # eviction frees the shared host slots twice (its allocator asserts)
+    "sglang-hiradix-split-keeps-host": Mutant("sglang-hiradix", "the lower half of a split keeps the whole host copy",
+                                              _hiradix_split_keeps_host,
+                                              ("device match after load_back", "Double-free")),
+}
+
+
+def run(name: str, budget_s: float = 30, seed: int = 0, shrink_s: float = 3) -> dict:
+    """The conformance run of mutant `name`; adds `caught`: a violation whose report shows the bug."""
+    m = MUTANTS[name]
+    why = runner.unavailable_reason(m.target)
+    if why:
+        return {"target": m.target, "mutant": name, "steps": 0, "violations": 0, "caught": False, "skipped": why}
+    need, have = runner.TARGETS[m.target].sglang, shim.loaded()
+    if need is not None and have is not None and have.version != need:
+        return _run_child(name, budget_s, seed, shrink_s)
+    with m.patch():
+        r = runner._run_here(m.target, budget_s, seed, shrink_s=shrink_s)
+    rep = r["failure_report"] or ""
+    return {**r, "mutant": name, "caught": r["violations"] == 1 and any(s in rep for s in m.signs)}
+
+
+def _run_child(name: str, budget_s: float, seed: int, shrink_s: float) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "conformance.mutants", name, "--budget", str(budget_s), "--seed", str(seed),
+           "--shrink", str(shrink_s)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=budget_s + 600,
+                       env=runner.child_env(root))
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"mutant child failed (rc {p.returncode}): {p.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m conformance.mutants", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("name", choices=list(MUTANTS))
+    ap.add_argument("--budget", type=float, default=30.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shrink", type=float, default=3.0)
+    a = ap.parse_args(argv)
+    r = run(a.name, a.budget, a.seed, a.shrink)
+    print(json.dumps(r))
+    return 0 if r["caught"] or r.get("skipped") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
