@@ -37,6 +37,7 @@ class TargetSpec:
     sglang: str | None = None
     what: str = ""
     page_size: int = 2
+    args: tuple = ()  # passed to the factory
 
 
 TARGETS: dict[str, TargetSpec] = {
@@ -47,13 +48,21 @@ TARGETS: dict[str, TargetSpec] = {
                                    "refcache HiCache full+mamba, write-through, page 1", 1),
     "sglang-radix": TargetSpec("sglang_targets:SGLangRadix", "0.5.23", "SGLang RadixCache 0.5.23, page 2"),
     "sglang-unified-python": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
-                                        "SGLang UnifiedRadixCache 0.5.23 (FULL), Python tree core, page 2"),
+                                        "SGLang UnifiedRadixCache 0.5.23 (FULL), Python tree core, page 2",
+                                        args=("python",)),
     "sglang-unified-rust": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
-                                      "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2"),
+                                      "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2",
+                                      args=("rust",)),
     "sglang-mamba": TargetSpec("sglang_targets:SGLangMamba", "0.5.17", "SGLang MambaRadixCache 0.5.17, page 1", 1),
     "sglang-hiradix": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
                                  "SGLang HiRadixCache 0.5.17 (HiCache: write-through, direct IO), page 2; "
                                  "a GPU, or CPU stand-ins for pinning and copies"),
+    "sglang-hiradix-selective": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
+                                           "the same, write-through-selective (backup on the second hit)",
+                                           args=("write_through_selective",)),
+    "sglang-hiradix-write-back": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
+                                            "the same, write-back (backup when evicted from the device)",
+                                            args=("write_back",)),
     "sglang-himamba": TargetSpec("sglang_targets:SGLangHiMamba", "0.5.17",
                                  "SGLang HiMambaRadixCache 0.5.17 (write-through, direct IO), page 1; "
                                  "a GPU, or CPU stand-ins for pinning and copies", 1),
@@ -81,10 +90,7 @@ def make_factory(name: str):
     mod_name, fn = spec.factory.split(":")
     mod = importlib.import_module(f"conformance.{mod_name}")
     obj = getattr(mod, fn)
-    if name.startswith("sglang-unified-"):
-        core = name.rsplit("-", 1)[1]
-        return lambda: obj(core)
-    return obj
+    return lambda: obj(*spec.args)
 
 
 def machine(name: str) -> type[ConformanceMachine]:

@@ -53,6 +53,10 @@ KNOWN_MAMBA = KNOWN | {"lock-tombstone"}
 # host, its device match still runs to that node (device KV) and mamba_host_hit_length=1 asks for the
 # state; the spec's device match ends at a node whose state is on device. Not compared then.
 KNOWN_HIMAMBA = KNOWN_MAMBA | {"mamba-lru-stamps", "mamba-host-boundary"}
+# HiRadixCache 0.5.17 under write-back or selective write-through, "best-is-backed-up" (a different
+# contract): its best_match_node is the deepest matched node that is backed up, the spec's the deepest
+# with data on any tier; they differ when the deepest matched nodes are only on device (not backed up
+# yet). The machine then expects the deepest backed-up page. Under write-through they coincide.
 
 
 def _pages(ps: int, prefix: tuple, key_len: int):
@@ -624,12 +628,11 @@ class SGLangHiRadix(Target):
     for sglang-himamba. A single rank: the TP all-reduces are skipped (world size 1). Every
     operation is followed by draining the controller's acknowledgements, so the machine sees
     settled states; the load-back threshold is set to 1 so small trees exercise the load path.
-    Its best_match_node is the deepest matched node that is backed up; with write-through and a
-    host tier larger than the device, that is the spec's deepest node with data on any tier."""
+    `policy`: its hicache_write_policy (write_through, write_through_selective, write_back)."""
 
-    _shared = None  # on CUDA one cache per process, reset between runs (pinned host memory: see SGLangHiMamba)
+    _shared: dict = {}  # policy -> cache; on CUDA one per process, reset between runs (see SGLangHiMamba)
 
-    def __init__(self):
+    def __init__(self, policy: str = "write_through"):
         shim.load(V_MAMBA, real=HIMAMBA_REAL)
         from unittest import mock
 
@@ -646,18 +649,21 @@ class SGLangHiRadix(Target):
         if dev == "cpu":
             _cpu_stand_ins()
         ps = 2
-        self.info = TargetInfo("sglang-hiradix", page_size=ps, ops=CORE_OPS | {"load_back"}, device_tokens=16, host=True,
-                               sglang=V_MAMBA, allow=KNOWN,
+        suffix = {"write_through": "", "write_through_selective": "-selective", "write_back": "-write-back"}[policy]
+        self.policy = policy
+        allow = KNOWN if policy == "write_through" else KNOWN | {"best-is-backed-up"}
+        self.info = TargetInfo(f"sglang-hiradix{suffix}", page_size=ps, ops=CORE_OPS | {"load_back"}, device_tokens=16,
+                               host=True, sglang=V_MAMBA, allow=allow,
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
         sa = types.SimpleNamespace(
             hicache_io_backend="direct", hicache_mem_layout="page_first_direct", hicache_storage_backend=None,
             extra_metric_labels=None, hicache_storage_backend_extra_config=None,
-            hicache_storage_prefetch_policy="best_effort", hicache_write_policy="write_through", hicache_size=0,
+            hicache_storage_prefetch_policy="best_effort", hicache_write_policy=policy, hicache_size=0,
             hicache_ratio=1.5, served_model_name="conformance", hicache_host_memory_mode="cache", enable_hisparse=False)
         runtime_context._CONTEXT._server_args = sa
         self.locks = 0
-        if SGLangHiRadix._shared is not None:
-            self.kv, self.alloc_, self.cache = SGLangHiRadix._shared
+        if policy in SGLangHiRadix._shared:
+            self.kv, self.alloc_, self.cache = SGLangHiRadix._shared[policy]
             self.cache.reset()
             self.alloc_.clear()
             self.k0 = self.kv.k_buffer[0]
@@ -674,7 +680,7 @@ class SGLangHiRadix(Target):
         self.cache.load_back_threshold = 1
         self.k0 = self.kv.k_buffer[0]  # the KV every page's contents are written to and checked in
         if dev == "cuda":
-            SGLangHiRadix._shared = (self.kv, self.alloc_, self.cache)
+            SGLangHiRadix._shared[policy] = (self.kv, self.alloc_, self.cache)
 
     _val = staticmethod(SGLangHiMamba._val)
     _settle = SGLangHiMamba._settle
@@ -759,7 +765,7 @@ class SGLangHiRadix(Target):
         return v
 
     def close(self) -> None:
-        if SGLangHiRadix._shared is None:  # a fresh cache per run: give its host memory back
+        if self.policy not in SGLangHiRadix._shared:  # a fresh cache per run: give its host memory back
             import atexit
 
             atexit.unregister(self.cache.shutdown)

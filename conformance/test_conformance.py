@@ -40,7 +40,8 @@ def test_sglang_target_agrees(name):
 
 def test_target_names():
     assert set(runner.target_names()) >= {"refcache", "sglang-radix", "sglang-unified-python",
-                                          "sglang-unified-rust", "sglang-mamba"}
+                                          "sglang-unified-rust", "sglang-mamba", "sglang-himamba",
+                                          "sglang-hiradix", "sglang-hiradix-selective", "sglang-hiradix-write-back"}
 
 
 # ------------------------------------------------------------------------ it can fail
@@ -110,6 +111,25 @@ def test_himamba_mamba_lru_stamps(name):
         assert err is None, err
     else:
         assert err is not None and "Incorrect LRU list" in err, f"upstream changed: {err}"
+
+
+BEST_BACKED = [("insert", [1, 1, 1, 1]), ("match", [1, 1, 1, 1])]
+
+
+@pytest.mark.parametrize("name", ["sglang-hiradix", "sglang-hiradix-selective", "sglang-hiradix-write-back"])
+def test_hiradix_best_match_is_the_deepest_backed_up_node(name):
+    """Contract difference (HiRadixCache 0.5.17): its best_match_node is the deepest matched node
+    that is backed up; the spec's is the deepest with data on any tier. Under write-back and
+    selective write-through a fresh insert is not backed up yet, so a match of it reports best 0
+    where the spec says 4; under write-through every insert is backed up and they agree."""
+    why = runner.unavailable_reason(name)
+    if why:
+        pytest.skip(why)
+    err = runner.replay_calls(name, BEST_BACKED, strict=True)
+    if name == "sglang-hiradix":
+        assert err is None, err
+    else:
+        assert err is not None and "match (device, best) = (4, 0), model says (4, 4)" in err, f"upstream changed: {err}"
 
 
 # ------------------------------------------------------------------------------ shim
