@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -29,7 +30,7 @@ class Mutant:
     target: str
     bug: str
     patch: Callable[[], contextlib.AbstractContextManager]
-    signs: tuple[str, ...]  # what a report of this bug shows (any one of them)
+    signs: tuple[str, ...]  # what the minimized failure's message shows (any one of them)
 
 
 def _split_drops_lock(cls, method: str):
@@ -75,16 +76,37 @@ def _hiradix_split_keeps_host():
     return mock.patch.object(HiRadixCache, "_split_node", split)
 
 
+def _hiradix_load_back_locks_parent():
+    """A load-back's lock anchored one node too high (bug class 4): the loaded node is left
+    unprotected while its copy is in flight, and the acknowledgement later unlocks a node that the
+    load never locked."""
+    shim.load(runner.TARGETS["sglang-hiradix"].sglang, real=HIMAMBA_REAL)
+    from sglang.srt.mem_cache.hiradix_cache import HiRadixCache
+
+    orig = HiRadixCache.load_back
+
+    def load_back(self, node, mem_quota=None):
+        got = orig(self, node, mem_quota)
+        if got is not None and node.parent is not self.root_node:
+            self.dec_lock_ref(node)
+            self.inc_lock_ref(node.parent)
+        return got
+
+    return mock.patch.object(HiRadixCache, "load_back", load_back)
+
+
 MUTANTS: dict[str, Mutant] = {
     "refcache-split-drops-lock": Mutant("refcache", "a split gives the upper node no lock count",
-                                        _refcache_split_drops_lock, ("lock",)),
+                                        _refcache_split_drops_lock, ("T2", "R2")),
     "sglang-radix-split-drops-lock": Mutant("sglang-radix", "a split gives the upper node no lock count",
-                                            _radix_split_drops_lock, ("lock",)),
+                                            _radix_split_drops_lock, ("R2",)),
     # a later load-back brings back more than the node's key (the model disagrees), or host
     # eviction frees the shared host slots twice (its allocator asserts)
     "sglang-hiradix-split-keeps-host": Mutant("sglang-hiradix", "the lower half of a split keeps the whole host copy",
                                               _hiradix_split_keeps_host,
                                               ("device match after load_back", "Double-free")),
+    "sglang-hiradix-load-back-locks-parent": Mutant("sglang-hiradix", "a load-back's lock anchored at the parent",
+                                                    _hiradix_load_back_locks_parent, ("R2", "lock")),
 }
 
 
@@ -99,8 +121,9 @@ def run(name: str, budget_s: float = 30, seed: int = 0, shrink_s: float = 3) -> 
         return _run_child(name, budget_s, seed, shrink_s)
     with m.patch():
         r = runner._run_here(m.target, budget_s, seed, shrink_s=shrink_s)
-    rep = r["failure_report"] or ""
-    return {**r, "mutant": name, "caught": r["violations"] == 1 and any(s in rep for s in m.signs)}
+    head = (r["failure_report"] or "").split("--- as Hypothesis reported it")[0]  # the minimized failure ...
+    finding = "\n".join(ln for ln in head.splitlines()[1:] if not re.match(r"\s+\d+: ", ln))  # ... less its steps
+    return {**r, "mutant": name, "caught": r["violations"] == 1 and any(s in finding for s in m.signs)}
 
 
 def _run_child(name: str, budget_s: float, seed: int, shrink_s: float) -> dict:
