@@ -552,13 +552,17 @@ class SGLangHiMamba(Target):
         the cache declined. Returns the device match length afterwards."""
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
         node = m.best_match_node
-        if node is not self.cache.root_node and (node.evicted or (node.mamba_evicted and node.mamba_backuped)):
+        if node is not self.cache.root_node and self._needs_load(node):
             got = self.cache.load_back(node)
             self.cache.ready_to_load_host_cache()
             self._settle()
             if got is None:
                 return None
         return self.match(tokens).device_len
+
+    @staticmethod
+    def _needs_load(node) -> bool:
+        return node.evicted or (node.mamba_evicted and node.mamba_backuped)
 
     alive = SGLangRadix.alive
     node_prefix = SGLangRadix.node_prefix
@@ -593,14 +597,14 @@ class SGLangHiMamba(Target):
                                   lock=n.full_lock_ref, host_ref=n.host_ref_counter, stamp=order.get(id(n), -1))
         return m
 
+    def _device_kv_ok(self, node, prefix) -> bool:
+        """D1: the node's device slots hold the KV written for the prefixes ending at each of them."""
+        got = [float(self.k0[s].flatten()[0]) for s in node.value.tolist()]
+        return got == [self._val(prefix[: len(prefix) - len(got) + i + 1]) for i in range(len(got))]
+
     def check(self) -> list[str]:
-        v = []
-        for n, pre in self._nodes():
-            if n.value is not None:
-                got = [float(self.k0[s].flatten()[0]) for s in n.value.tolist()]
-                want = [self._val(pre[: len(pre) - len(got) + i + 1]) for i in range(len(got))]
-                if got != want:
-                    v.append(f"D1: node {pre} holds device KV that is not its prefix's")
+        v = [f"D1: node {pre} holds device KV that is not its prefix's" for n, pre in self._nodes()
+             if n.value is not None and not self._device_kv_ok(n, pre)]
         if not self.locks:
             c = self.cache
             lists = [c.full_lru_list] + ([] if "mamba-lru-stamps" in self.info.allow else [c.mamba_lru_list])
@@ -691,6 +695,8 @@ class SGLangHiRadix(Target):
     _nodes = SGLangRadix._nodes
     data_ok = SGLangHiMamba.data_ok
     evict = SGLangHiMamba.evict
+    load_back = SGLangHiMamba.load_back
+    _device_kv_ok = SGLangHiMamba._device_kv_ok
 
     def alloc(self, tokens):
         n, c = len(tokens), self.cache
@@ -717,18 +723,9 @@ class SGLangHiRadix(Target):
         return Match(device_len=m.device_indices.numel(), best_len=best, node=m.last_device_node,
                      device_indices=m.device_indices.tolist())
 
-    def load_back(self, tokens) -> int | None:
-        """Match, then load `best_match_node` back as the scheduler's init_load_back does; None when
-        the cache declined. Returns the device match length afterwards."""
-        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        node = m.best_match_node
-        if node is not self.cache.root_node and node.evicted:
-            got = self.cache.load_back(node)
-            self.cache.ready_to_load_host_cache()
-            self._settle()
-            if got is None:
-                return None
-        return self.match(tokens).device_len
+    @staticmethod
+    def _needs_load(node) -> bool:
+        return node.evicted
 
     def lock(self, node):
         self.cache.inc_lock_ref(node)
@@ -751,9 +748,7 @@ class SGLangHiRadix(Target):
         v, ev, pr = [], 0, 0
         for n, pre in self._nodes():
             if n.value is not None:
-                got = [float(self.k0[s].flatten()[0]) for s in n.value.tolist()]
-                want = [self._val(pre[: len(pre) - len(got) + i + 1]) for i in range(len(got))]
-                if got != want:
+                if not self._device_kv_ok(n, pre):
                     v.append(f"D1: node {pre} holds device KV that is not its prefix's")
                 if n.lock_ref == 0:
                     ev += len(n.key)
