@@ -33,6 +33,9 @@ from . import shim
 from .target import CORE_OPS, Inserted, Match, SlotBook, Target, TargetError, TargetInfo
 
 V_NEW, V_MAMBA = "0.5.23", "0.5.17"
+# sglang 0.5.17 modules the HiCache targets need real, not stood in for; every 0.5.17 target asks for
+# them, so whichever target loads the version first, the others can share the process.
+HIMAMBA_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
 
 # Explained divergences, not judged in bounded runs (test_conformance.py keeps each one demonstrated):
 # "lru-recency": an insert or match that ends inside a node refreshes the recency of the node's
@@ -294,7 +297,7 @@ class SGLangUnified(Target):
 # =========================================================== MambaRadixCache (0.5.17)
 class SGLangMamba(Target):
     def __init__(self):
-        shim.load(V_MAMBA)
+        shim.load(V_MAMBA, real=HIMAMBA_REAL)
         from sglang.srt import runtime_context
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import cache_init_params as cip
@@ -413,7 +416,6 @@ class SGLangMamba(Target):
 
 
 # ===================================================== HiMambaRadixCache (0.5.17)
-HIMAMBA_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
 
 
 class SGLangHiMamba(Target):

@@ -283,6 +283,7 @@ def load(version: str, real: tuple[str, ...] = ()) -> Loaded:
         raise ShimError(missing_reason(version))
     if _LOADED is not None:
         if _LOADED.version == version:
+            _make_real(real)
             return _LOADED
         raise ShimError(f"sglang {_LOADED.version} is already loaded in this process; "
                         f"sglang {version} needs its own process")
@@ -317,6 +318,18 @@ def load(version: str, real: tuple[str, ...] = ()) -> Loaded:
     os.environ.setdefault("SGLANG_RUST_BUILD_MODE", "never")  # never compile the Rust core at import
     _LOADED = Loaded(version, root, stubbed)
     return _LOADED
+
+
+def _make_real(real: tuple[str, ...]) -> None:
+    """A later load of the same version asks for more real modules: fine while none of them has
+    been imported yet (as a stand-in); otherwise this process cannot give it them."""
+    finder = next(f for f in sys.meta_path if isinstance(f, _Finder) and f.front)
+    extra = [r for r in real if r not in finder.real]
+    late = [m for m in sys.modules if any(m == r or m.startswith(r + ".") for r in extra)]
+    if late:
+        raise ShimError(f"sglang modules {late} were already imported as stand-ins in this process; "
+                        f"a target needing them real needs its own process")
+    finder.real = finder.real + tuple(extra)
 
 
 def _load_sgl_kernel_copies() -> None:
