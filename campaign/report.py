@@ -48,8 +48,16 @@ def replay(machine: str, rules: list[str], bug: str | None = None) -> Replay:
             before = state.cache.snapshot()
             if not _allowed(state, line):  # a shortened program may call a rule its state does not allow
                 return Replay(False, message="a rule's precondition does not hold", failing_step=line)
+            lhs, eq, call = line.partition(" = ")
+            if not eq or not call.startswith("state."):
+                lhs, call = "", line
             try:
-                exec(line, env)  # noqa: S102 - our own generated program, one rule call per line
+                exec(f"_result = {call}", env)  # noqa: S102 - our own generated program, one rule call per line
+                if lhs:  # binding the rule's results is the program's business: a mismatch is no finding
+                    try:
+                        exec(f"{lhs} = _result", env)  # noqa: S102
+                    except (TypeError, ValueError) as e:
+                        return Replay(False, message=f"program does not replay: {e}", failing_step=line)
                 if line != "state.teardown()":
                     for chk in CHECKS_AFTER_RULE:
                         exec(chk, env)  # noqa: S102

@@ -105,6 +105,16 @@ def test_dependents_groups_a_definition_with_its_users():
     assert dependents(prog, 6) == [6]
 
 
+def test_replay_does_not_count_a_binding_mismatch_as_a_finding():
+    """A shortened program can leave a rule returning fewer values than the line binds; that is
+    the program not replaying, not the bug (the minimizer once kept such a program)."""
+    prog = ["requests_0 = state.first_request(tokens=[2, 2, 3, 3])",
+            "requests_1 = state.seed_storage(extra=[(1, 2), (3, 3)], keep=8, tokens=requests_0)",
+            "nodes_0, nodes_1 = state.match(extra=[], tokens=requests_1)"]
+    r = replay("full/write_through", prog, "class4_lock_host_only_bottom")
+    assert not r.failed and "does not replay" in r.message, r
+
+
 def test_replay_of_a_clean_program_passes():
     r = replay("full/write_through", ["requests_0 = state.first_request(tokens=[1, 1, 2, 2])",
                                       "state.settle()", "state.pressure()"])
