@@ -100,11 +100,11 @@ MUTANTS: dict[str, Mutant] = {
                                         _refcache_split_drops_lock, ("T2", "R2")),
     "sglang-radix-split-drops-lock": Mutant("sglang-radix", "a split gives the upper node no lock count",
                                             _radix_split_drops_lock, ("R2",)),
-    # a later load-back brings back more than the node's key (the model disagrees), or host
-    # eviction frees the shared host slots twice (its allocator asserts)
+    # the tree holds more host slots than the pool handed out (R1 on the host tier), a later
+    # load-back brings back more than the node's key, or host eviction frees shared slots twice
     "sglang-hiradix-split-keeps-host": Mutant("sglang-hiradix", "the lower half of a split keeps the whole host copy",
                                               _hiradix_split_keeps_host,
-                                              ("device match after load_back", "Double-free")),
+                                              ("device match after load_back", "Double-free", "R1: host pool")),
     "sglang-hiradix-load-back-locks-parent": Mutant("sglang-hiradix", "a load-back's lock anchored at the parent",
                                                     _hiradix_load_back_locks_parent, ("R2", "lock")),
 }

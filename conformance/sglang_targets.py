@@ -629,8 +629,8 @@ class SGLangHiMamba(Target):
 # ======================================================= HiRadixCache (0.5.17)
 class SGLangHiRadix(Target):
     """HiRadixCache (SGLang's HiCache: device KV backed by a host tier) with its real
-    HiCacheController and MHA host pool; page size 2, write-through, io_backend "direct" with the
-    page-first-direct host layout. Without CUDA the pinning and copy kernels are stood in for, as
+    HiCacheController and MHA host pool; page size 2, io_backend "direct" with the page-first-direct
+    host layout. Without CUDA the pinning and copy kernels are stood in for, as
     for sglang-himamba. A single rank: the TP all-reduces are skipped (world size 1). Every
     operation is followed by draining the controller's acknowledgements, so the machine sees
     settled states; the load-back threshold is set to 1 so small trees exercise the load path.
@@ -667,7 +667,6 @@ class SGLangHiRadix(Target):
             hicache_storage_prefetch_policy="best_effort", hicache_write_policy=policy, hicache_size=0,
             hicache_ratio=1.5, served_model_name="conformance", hicache_host_memory_mode="cache", enable_hisparse=False)
         runtime_context._CONTEXT._server_args = sa
-        self.locks = 0
         if policy in SGLangHiRadix._shared:
             self.kv, self.alloc_, self.cache = SGLangHiRadix._shared[policy]
             self.cache.reset()
@@ -729,14 +728,8 @@ class SGLangHiRadix(Target):
     def _needs_load(node) -> bool:
         return node.evicted
 
-    def lock(self, node):
-        self.cache.inc_lock_ref(node)
-        self.locks += 1
-        return node
-
-    def unlock(self, lock):
-        self.cache.dec_lock_ref(lock)
-        self.locks -= 1
+    lock = SGLangRadix.lock
+    unlock = SGLangRadix.unlock
 
     def abstract(self) -> Model:
         m = Model(page_size=self.info.page_size, sidecar=None, window=0)
@@ -759,6 +752,10 @@ class SGLangHiRadix(Target):
         if not self.cache.ongoing_write_through and (ev, pr) != (self.cache.evictable_size(), self.cache.protected_size()):
             v.append(f"R2: evictable/protected sizes {(self.cache.evictable_size(), self.cache.protected_size())}, "
                      f"the tree sums to {(ev, pr)}")
+        host = self.cache.token_to_kv_pool_host
+        held = sum(len(n.host_value) for n, _ in self._nodes() if n.host_value is not None)
+        if held + host.available_size() != host.size:  # R1 on the host tier: no slot leaked or shared
+            v.append(f"R1: host pool of {host.size} slots: {host.available_size()} free + {held} held by the tree")
         return v
 
     def close(self) -> None:
