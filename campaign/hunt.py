@@ -114,17 +114,27 @@ def hunt(name: str, seed_: int, budget_s: float, shrink_s: float = 30.0, max_exa
             try:
                 run_state_machine_as_test(machine, settings=current(
                     phases=(Phase.reuse, Phase.shrink), database=db, derandomize=False, print_blob=False,
-                    verbosity=Verbosity.quiet))
+                    verbosity=Verbosity.quiet, report_multiple_bugs=False))  # one failure, with its steps
             except Exception as e:  # noqa: BLE001
                 _record(res, e)
         res.shrink_seconds = time.perf_counter() - t1
     return res
 
 
-def _record(res: Hunt, e: BaseException) -> None:
-    res.error_type = type(e).__name__
-    res.error = str(e)
+def _program(e: BaseException) -> list[str]:
+    """The steps Hypothesis attached to a failure (empty when it attached none)."""
     notes = [n for n in getattr(e, "__notes__", []) if not n.startswith("Failing test case")]
     program = [ln for n in notes for ln in n.splitlines()]
-    if any(ln.startswith("state = ") for ln in program):
-        res.program = [ln for ln in program if ln.strip()]
+    return [ln for ln in program if ln.strip()] if any(ln.startswith("state = ") for ln in program) else []
+
+
+def _record(res: Hunt, e: BaseException) -> None:
+    """Keep the failure's error and steps; of several distinct failures, the shortest program."""
+    if getattr(e, "exceptions", None):  # an exception group
+        found = [x for x in e.exceptions if _program(x)]
+        if found:
+            e = min(found, key=lambda x: len(_program(x)))
+    res.error_type = type(e).__name__
+    res.error = str(e)
+    if program := _program(e):
+        res.program = program

@@ -90,11 +90,13 @@ class CacheMachine(RuleBasedStateMachine):
         self.snap = self.cache.snapshot(with_data=True)
         self.model = abstract(self.snap)
         self.log: list[str] = []
+        self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
     # ------------------------------------------------------------------ lockstep helper
     def _step(self, what: str, allowed: Allowed, check=None) -> None:
         """Abstract the cache after a step and check it against the model and `allowed`."""
         CacheMachine.checked_steps += 1
+        self.steps += 1
         self.log.append(what)
         snap = self.cache.snapshot(with_data=True)
         after = abstract(snap)
@@ -102,7 +104,7 @@ class CacheMachine(RuleBasedStateMachine):
         if check is not None:
             errs += check(self.model, after)
         op = what.split()[0]
-        if DRIFT_EVERY and CacheMachine.checked_steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
+        if DRIFT_EVERY and self.steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
             errs += check_step(self.snap, _DRIFT_NAMES.get(op, op), snap, max_states=2000)  # Z3 relation drift
         self.snap, self.model = snap, after
         if errs:
