@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import hypothesis.internal.conjecture.engine as engine
-from hypothesis import Phase, Verbosity, seed
+from hypothesis import Phase, seed
 from hypothesis.database import InMemoryExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -114,7 +114,7 @@ def hunt(name: str, seed_: int, budget_s: float, shrink_s: float = 30.0, max_exa
             try:
                 run_state_machine_as_test(machine, settings=current(
                     phases=(Phase.reuse, Phase.shrink), database=db, derandomize=False, print_blob=False,
-                    verbosity=Verbosity.quiet, report_multiple_bugs=False))  # one failure, with its steps
+                    report_multiple_bugs=False))  # one failure, its steps attached as notes (not under quiet)
             except Exception as e:  # noqa: BLE001
                 _record(res, e)
         res.shrink_seconds = time.perf_counter() - t1
