@@ -122,11 +122,32 @@ def run_refcache_unchecked(reqs: list[list[int]], page: int, capacity: int) -> d
 
 
 def run_sglang_radix(reqs: list[list[int]], page: int, capacity: int) -> dict:
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
-    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+    from sglang.srt.mem_cache.radix_cache import RadixCache
 
     a = _Alloc(capacity, page)
     c = RadixCache.create_simulated(mock_allocator=a, page_size=page)
+    return _time_sglang(c, a, reqs, f"SGLang {shim.loaded().version} RadixCache", frees_duplicates=False)
+
+
+def run_sglang_unified(reqs: list[list[int]], page: int, capacity: int, core: str) -> dict:
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    a = _Alloc(capacity, page)
+    c = UnifiedRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=a,
+                                          page_size=page, tree_components=(ComponentType.FULL,),
+                                          tree_core_backend=core))
+    return _time_sglang(c, a, reqs, f"SGLang {shim.loaded().version} UnifiedRadixCache ({core} core)",
+                        frees_duplicates=True)
+
+
+def _time_sglang(c, a: _Alloc, reqs: list[list[int]], name: str, frees_duplicates: bool) -> dict:
+    """The request cycle on an SGLang tree; `frees_duplicates`: its insert frees the slots of the
+    prefix it already held (UnifiedRadixCache), else the caller does (RadixCache)."""
+    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+
     tm = Timer()
     pc = time.perf_counter
     for t in reqs:
@@ -137,37 +158,11 @@ def run_sglang_radix(reqs: list[list[int]], page: int, capacity: int) -> dict:
         t2 = pc()
         r = c.insert(InsertParams(key=RadixKey(array("q", t)), value=idx))
         t3 = pc()
-        if r.prefix_len:
+        if not frees_duplicates and r.prefix_len:
             a.free_segment(idx[: r.prefix_len])
         tm.match += t1 - t0
         tm.insert += t3 - t2
-    return tm.result(f"SGLang {shim.loaded().version} RadixCache", reqs)
-
-
-def run_sglang_unified(reqs: list[list[int]], page: int, capacity: int, core: str) -> dict:
-    from sglang.srt.mem_cache.base_prefix_cache import InsertParams, MatchPrefixParams
-    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-    from sglang.srt.mem_cache.radix_cache import RadixKey
-    from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
-    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
-
-    a = _Alloc(capacity, page)
-    c = UnifiedRadixCache(CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=a,
-                                          page_size=page, tree_components=(ComponentType.FULL,),
-                                          tree_core_backend=core))
-    tm = Timer()
-    pc = time.perf_counter
-    for t in reqs:
-        t0 = pc()
-        c.match_prefix(MatchPrefixParams(key=RadixKey(array("q", t))))
-        t1 = pc()
-        idx = a.alloc(len(t))
-        t2 = pc()
-        c.insert(InsertParams(key=RadixKey(array("q", t)), value=idx))  # frees its duplicates itself
-        t3 = pc()
-        tm.match += t1 - t0
-        tm.insert += t3 - t2
-    return tm.result(f"SGLang {shim.loaded().version} UnifiedRadixCache ({core} core)", reqs)
+    return tm.result(name, reqs)
 
 
 def main(argv: list[str] | None = None) -> int:

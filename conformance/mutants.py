@@ -14,11 +14,9 @@ import argparse
 import contextlib
 import json
 import re
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from unittest import mock
 
 from . import runner, shim
@@ -127,11 +125,8 @@ def run(name: str, budget_s: float = 30, seed: int = 0, shrink_s: float = 3) -> 
 
 
 def _run_child(name: str, budget_s: float, seed: int, shrink_s: float) -> dict:
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "conformance.mutants", name, "--budget", str(budget_s), "--seed", str(seed),
-           "--shrink", str(shrink_s)]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=root, timeout=budget_s + 600,
-                       env=runner.child_env(root))
+    args = [name, "--budget", str(budget_s), "--seed", str(seed), "--shrink", str(shrink_s)]
+    p = runner._child(args, budget_s + 600, module="conformance.mutants")
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if not lines:
         raise RuntimeError(f"mutant child failed (rc {p.returncode}): {p.stderr[-3000:]}")

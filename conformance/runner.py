@@ -207,15 +207,12 @@ def replay_calls(name: str, calls: list, strict: bool = False) -> str | None:
     return None if err is None else f"{type(err).__name__}: {err}"
 
 
-def child_env(root) -> dict[str, str]:
-    """The environment of a child process that imports this project from `root`."""
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-
-
-def _child(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _child(args: list[str], timeout: float, module: str = "conformance.runner") -> subprocess.CompletedProcess:
+    """`python -m module args` in a fresh process that imports this project."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return subprocess.run([sys.executable, "-m", "conformance.runner", *args], capture_output=True, text=True,
-                          cwd=root, env=child_env(root), timeout=timeout)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          cwd=root, env=env, timeout=timeout)
 
 
 def _run_child(name: str, budget_s: float, seed: int | None, shrink_s: float | None = None) -> dict:

@@ -87,15 +87,18 @@ class SGLangRadix(Target):
         n = len(tokens)
         short = n - self.book.available_size()
         if short > 0:
-            if short > self.cache.evictable_size():
-                raise TargetError(f"{n} tokens needed, {self.book.available_size()} free, "
-                                  f"{self.cache.evictable_size()} evictable")
+            ev = self._evictable()
+            if short > ev:
+                raise TargetError(f"{n} tokens needed, {self.book.available_size()} free, {ev} evictable")
             self.cache.evict(self.b.EvictParams(num_tokens=short))
         idx = self.book.alloc(n)
         if idx is None:
             raise TargetError(f"only {self.book.available_size()} tokens free after eviction")
         self.book.write(idx, tokens)
         return idx
+
+    def _evictable(self) -> int:
+        return self.cache.evictable_size()
 
     def insert(self, tokens, kv):
         res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv))
@@ -207,19 +210,10 @@ class SGLangUnified(Target):
     def _key(self, tokens):
         return self.r.RadixKey(array("q", tokens))
 
-    def alloc(self, tokens):
-        n = len(tokens)
-        short = n - self.book.available_size()
-        if short > 0:
-            ev = self.cache.tree_core.full_evictable_size()
-            if short > ev:
-                raise TargetError(f"{n} tokens needed, {self.book.available_size()} free, {ev} evictable")
-            self.cache.evict(self.b.EvictParams(num_tokens=short))
-        idx = self.book.alloc(n)
-        if idx is None:
-            raise TargetError(f"only {self.book.available_size()} tokens free after eviction")
-        self.book.write(idx, tokens)
-        return idx
+    def _evictable(self) -> int:
+        return self.cache.tree_core.full_evictable_size()
+
+    alloc = SGLangRadix.alloc
 
     def insert(self, tokens, kv):
         # prev_prefix_len=0: unlike RadixCache, the unified tree frees the duplicates itself.
@@ -509,23 +503,28 @@ class SGLangHiMamba(Target):
     def _key(self, tokens):
         return self.r.RadixKey(array("q", tokens))
 
-    def alloc(self, tokens):
-        n, c = len(tokens), self.cache
+    def _alloc_kv(self, tokens):
+        """KV slots for `tokens` (evicting if short), each holding the value of its prefix."""
+        n = len(tokens)
         if self.alloc_.available_size() < n:
-            c.evict(self.b.EvictParams(num_tokens=n - self.alloc_.available_size()))
+            self.cache.evict(self.b.EvictParams(num_tokens=n - self.alloc_.available_size()))
             self._settle()
         idx = self.alloc_.alloc(n)
         if idx is None:
             raise TargetError(f"{n} tokens needed, {self.alloc_.available_size()} free after eviction")
+        for i, s in enumerate(idx.tolist()):
+            self.k0[s].fill_(self._val(tokens[: i + 1]))
+        return idx
+
+    def alloc(self, tokens):
+        idx = self._alloc_kv(tokens)
         slot = self.req_pool.mamba_allocator.alloc(1)
         if slot is None:
-            c.evict(self.b.EvictParams(num_tokens=0, mamba_num=1))
+            self.cache.evict(self.b.EvictParams(num_tokens=0, mamba_num=1))
             slot = self.req_pool.mamba_allocator.alloc(1)
         if slot is None:
             self.alloc_.free(idx)
             raise TargetError("mamba state pool full after eviction")
-        for i, s in enumerate(idx.tolist()):
-            self.k0[s].fill_(self._val(tokens[: i + 1]))
         return idx, slot
 
     def insert(self, tokens, kv):
@@ -698,18 +697,7 @@ class SGLangHiRadix(Target):
     evict = SGLangHiMamba.evict
     load_back = SGLangHiMamba.load_back
     _device_kv_ok = SGLangHiMamba._device_kv_ok
-
-    def alloc(self, tokens):
-        n, c = len(tokens), self.cache
-        if self.alloc_.available_size() < n:
-            c.evict(self.b.EvictParams(num_tokens=n - self.alloc_.available_size()))
-            self._settle()
-        idx = self.alloc_.alloc(n)
-        if idx is None:
-            raise TargetError(f"{n} tokens needed, {self.alloc_.available_size()} free after eviction")
-        for i, s in enumerate(idx.tolist()):
-            self.k0[s].fill_(self._val(tokens[: i + 1]))
-        return idx
+    alloc = SGLangHiMamba._alloc_kv
 
     def insert(self, tokens, kv):
         res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv))
