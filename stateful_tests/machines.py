@@ -56,6 +56,9 @@ POLICIES = ("write_through", "write_through_selective", "write_back")
 # (properties/drift.py), so the encoding cannot drift from the code; 0 turns it off.
 DRIFT_EVERY = int(os.environ.get("REFCACHE_DRIFT_EVERY", "10"))
 _DRIFT_NAMES = {"progress": "prefetch_progress", "abort": "abort_prefetch"}
+# Observers of every checked step, called as hook(machine, what, snapshot_before, snapshot_after):
+# what the campaign counts (rare events) without the machines knowing about it.
+STEP_HOOKS: list = []
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 
 
@@ -99,6 +102,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.steps += 1
         self.log.append(what)
         snap = self.cache.snapshot(with_data=True)
+        for hook in STEP_HOOKS:
+            hook(self, what, self.snap, snap)
         after = abstract(snap)
         errs = frame(self.model, after, allowed)
         if check is not None:
