@@ -236,7 +236,16 @@ def _lost(before: Model, after: Model, tier: str) -> list[Prefix]:
     return [p for p, g in before.pages.items() if getattr(g, tier) and not getattr(after.pages.get(p) or gone, tier)]
 
 
-def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = True) -> list[str]:
+def _lru_errors(before: Model, chosen: list[Prefix], stayed: list[Prefix], what: str, rec) -> list[str]:
+    """LRU judged by the model's own recency (`models.recency.Recency`) when given, else by the
+    implementation's stamps (for targets whose recency the model cannot follow)."""
+    if rec is not None:
+        return rec.lru_errors(chosen, stayed, what)
+    return [f"{what} {c} (stamp {before.pages[c].stamp}) before older leaf {s} (stamp {before.pages[s].stamp})"
+            for c in chosen for s in stayed if before.pages[c].stamp > before.pages[s].stamp]
+
+
+def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = True, rec=None) -> list[str]:
     """evict(n): freed = device tokens lost; stop only when n are freed or no evictable device leaf
     is left; each chosen leaf is no more recent than any unlocked leaf that stayed (ties either way)."""
     v = []
@@ -250,15 +259,11 @@ def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = Tru
         cands = [p for p in before.pages if before.dev_evictable(p)]
         chosen = [p for p in cands if p in lost]
         stayed = [p for p in cands if p not in lost and p in after.pages and after.dev_evictable(p)]
-        for c in chosen:
-            for s in stayed:
-                if before.pages[c].stamp > before.pages[s].stamp:
-                    v.append(f"evicted {c} (stamp {before.pages[c].stamp}) before older leaf {s} "
-                             f"(stamp {before.pages[s].stamp})")
+        v += _lru_errors(before, chosen, stayed, "evicted", rec)
     return v
 
 
-def check_evict_host(before: Model, after: Model, n: int, freed: int) -> list[str]:
+def check_evict_host(before: Model, after: Model, n: int, freed: int, rec=None) -> list[str]:
     """evict_host(n): freed = host tokens lost; LRU over host-only unreferenced leaves."""
     v = []
     lost = _lost(before, after, "host")
@@ -270,11 +275,7 @@ def check_evict_host(before: Model, after: Model, n: int, freed: int) -> list[st
     cands = [p for p in before.pages if before.host_leaf(p)]
     chosen = [p for p in cands if p in lost]
     stayed = [p for p in cands if p not in lost]
-    for c in chosen:
-        for s in stayed:
-            if before.pages[c].stamp > before.pages[s].stamp:
-                v.append(f"host-evicted {c} before older leaf {s}")
-    return v
+    return v + _lru_errors(before, chosen, stayed, "host-evicted", rec)
 
 
 def same_data(before: Model, after: Model) -> list[str]:

@@ -24,7 +24,11 @@ from collections import Counter
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
 
-from models.abstract import Allowed, abstract, check_evict, check_evict_host, frame, node_prefix, same_data
+from models import effects
+from models.abstract import Allowed, Page, abstract, check_evict, check_evict_host, frame, node_prefix, same_data
+from models.contents import pages_kv
+from models.contents import state as spec_state
+from models.recency import Recency
 from properties.drift import check_step
 from refcache import (
     CacheConfig,
@@ -35,11 +39,12 @@ from refcache import (
     PoolExhaustedError,
     RefCacheError,
 )
-from refcache.data import expected_pages, expected_state, pages_ok, write_request
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import MemoryStorage
 from refcache.transfer import PartStatus
+
+from .data_oracle import data_errors, geometry, served_ok, write_request, write_state
 
 PS = 2
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
@@ -90,8 +95,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.held: list = []  # nodes this driver holds a caller lock on (as lock() returned them)
         self.prefetching: dict[str, tuple] = {}  # request id -> (operation, anchor prefix, key)
         self._rids = itertools.count()
-        self.snap = self.cache.snapshot(with_data=True)
+        self.snap = self.cache.snapshot()
         self.model = abstract(self.snap)
+        self.rec = Recency()  # the model's own recency and hit counts (never the cache's stamps)
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
@@ -101,13 +107,16 @@ class CacheMachine(RuleBasedStateMachine):
         CacheMachine.checked_steps += 1
         self.steps += 1
         self.log.append(what)
-        snap = self.cache.snapshot(with_data=True)
+        snap = self.cache.snapshot()
         for hook in STEP_HOOKS:
             hook(self, what, self.snap, snap)
         after = abstract(snap)
+        self.after_snap = snap
         errs = frame(self.model, after, allowed)
         if check is not None:
             errs += check(self.model, after)
+        errs += data_errors(self.cache, snap)
+        self.rec.keep(after.pages)
         op = what.split()[0]
         if DRIFT_EVERY and self.steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
             errs += check_step(self.snap, _DRIFT_NAMES.get(op, op), snap, max_states=2000)  # Z3 relation drift
@@ -143,14 +152,52 @@ class CacheMachine(RuleBasedStateMachine):
         self.insert(tokens)
         return tokens
 
+    def _free(self, pool: str) -> int:
+        """Free slots of a pool (tokens for KV pools), from the snapshot the frame was checked on."""
+        p = self.snap.pools[pool]
+        return len(p.free_pages) * p.page_size
+
+    def _alloc(self, what: str, n: int, alloc) -> object | None:
+        """One allocation of a forward pass, checked against the model: it must succeed whenever
+        free plus freeable space covers it, and fail without evicting when nothing could."""
+        write_back = self.cache.config.write_policy.value == "write_back"
+        free = self._free("device_kv" if what == "alloc" else "device_state")
+        try:
+            got = alloc()
+        except PoolExhaustedError:
+            got = None
+
+        def check(b, a):
+            changed = frame(b, a, Allowed())
+            if what == "alloc":
+                swa_room = (b.sidecar != "swa" or not b.ops and
+                            self.snap.swa_capacity - PS * sum(g.swa for g in b.pages.values()) >= n)
+                v = effects.alloc_errors(b, n, free, got is None and swa_room, write_back, changed)
+                return v if swa_room or got is not None else [x for x in v if "never succeed" in x]
+            cands = [p for p, g in b.pages.items() if g.mamba and g.lock == 0 and p not in b.busy()]
+            deferred = [p for p in cands if write_back and b.dev_evictable(p) and not b.pages[p].host]
+            must = free > 0 or (cands and not deferred)  # a write-back victim waits for its backup
+            return [f"alloc of a mamba slot failed with {free} free and {len(cands)} evictable states"] \
+                if got is None and must else []
+
+        self._step(f"{what} {n}" + (" -> PoolExhausted" if got is None else ""),
+                   Allowed(evict_dev=True, evict_host=True), check)
+        return got
+
     @rule(tokens=requests)
     def insert(self, tokens):
+        """A forward pass (allocate, maybe evicting, and write the KV and state the tokens must
+        produce), then insert; the caller frees what the tree did not take."""
         c = self.cache
-        try:
-            idx, slot = write_request(c, tokens)  # a forward pass: allocate (maybe evicting) and write
-        except PoolExhaustedError as e:
-            return self._raised(f"alloc {len(tokens)}", e)
-        self._step(f"alloc {len(tokens)}", Allowed(evict_dev=True, evict_host=True))
+        idx = self._alloc("alloc", len(tokens), lambda: write_request(c, tokens))
+        if idx is None:
+            return
+        slot = None
+        if c.config.has("mamba"):
+            slot = self._alloc("alloc_state", 1, lambda: write_state(c, tokens))
+            if slot is None:
+                c.free_device(idx)
+                return self._step(f"free {len(tokens)}", Allowed())
         m = self.model
         pages = m.page_prefixes(tokens)
         missing = [p for p in pages if p not in m.pages or not m.pages[p].dev]
@@ -159,12 +206,26 @@ class CacheMachine(RuleBasedStateMachine):
         end = pages[-1]
         want_slot = (slot is not None and not busy and end not in m.busy()
                      and not (end in m.pages and m.pages[end].mamba))
+        free_host = self._free("host_kv")
         res = c.insert(tokens, idx, slot)
         if res.cached_len:
             c.free_device(idx[: res.cached_len])
         if slot is not None and not res.mamba_slot_used:
             c.free_mamba(slot)
         gain = frozenset() if busy else frozenset(pages)
+        self.rec.tick()
+        on_dev = [p for p in pages if p in m.pages and m.pages[p].dev]  # device pages are a prefix (T1)
+        self.rec.use(on_dev, hit=True)
+        if busy:  # the walk stopped at the page a load is bringing: the rest of its node may be stamped
+            upto = pages.index(missing[0]) + 1
+            self.rec.use(pages[len(on_dev):upto])
+            self.rec.maybe_use(pages[upto:])
+        else:
+            self.rec.use(pages[len(on_dev):])
+        policy = c.config.write_policy.value
+        due = [] if busy else (pages if policy == "write_through" else
+                               effects.due_selective(m, self.rec, pages, c.config.backup_after_hits)
+                               if policy == "write_through_selective" else [])
 
         def check(b, a):
             v = []
@@ -174,23 +235,30 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append(f"mamba_slot_used {res.mamba_slot_used}, model says {want_slot}")
             if not busy and not all(p in a.pages and a.pages[p].dev for p in pages):
                 v.append("inserted pages are not all on device")
-            return v
+            return v + effects.backup_errors(b, a, due, free_host)
 
         self._step(f"insert {tokens}", self._l2_room(gain_dev=gain, gain_side=gain), check)
 
     def _match(self, tokens):
         want = self.model.predict_match(tokens)
+        free_host = self._free("host_kv")
         m = self.cache.match_prefix(tokens)
         got = (m.device_len, len(node_prefix(m.last_host_node)), len(node_prefix(m.best_match_node)),
                m.host_hit_length)
+        path = self.model.page_prefixes(tuple(tokens)[: want[1]])  # the pages with data it walked
+        self.rec.tick()
+        self.rec.use(path, hit=True)
+        c = self.cache.config
+        due = (effects.due_selective(self.model, self.rec, path, c.backup_after_hits)
+               if c.write_policy.value == "write_through_selective" else [])
 
         def check(b, a):
             v = [] if got == want else [f"match (device, last_host, best, host_hit) = {got}, model says {want}"]
             if len(node_prefix(m.last_device_node)) != m.device_len:
                 v.append("last_device_node does not end the device match")
-            if not pages_ok(self.cache, tokens, m.device_indices):
-                v.append("D1: match served device pages that do not hold the bytes written for the prefix")
-            return v
+            if not served_ok(self.cache, tokens, m.device_indices):
+                v.append("D1: match served device pages that do not hold the bytes of the prefix")
+            return v + effects.backup_errors(b, a, due, free_host)
 
         self._step(f"match {tokens}", self._l2_room(), check)  # selective backups may make L2 room
         return m
@@ -230,14 +298,14 @@ class CacheMachine(RuleBasedStateMachine):
     def evict(self, n):
         freed = self.cache.evict(n)
         self._step(f"evict {n} -> {freed}", Allowed(evict_dev=True, evict_host=True),
-                   lambda b, a: check_evict(b, a, n, freed))
+                   lambda b, a: check_evict(b, a, n, freed, rec=self.rec))
 
     @precondition(lambda self: any(g.host for g in self.model.pages.values()))
     @rule(n=st.sampled_from([PS, 10**6]))
     def evict_host(self, n):
         freed = self.cache.evict_host(n)
         self._step(f"evict_host {n} -> {freed}", self._l2_room(),
-                   lambda b, a: check_evict_host(b, a, n, freed))
+                   lambda b, a: check_evict_host(b, a, n, freed, rec=self.rec))
 
     @precondition(lambda self: any(g.dev or g.host for g in self.model.pages.values()))
     @rule()
@@ -250,8 +318,20 @@ class CacheMachine(RuleBasedStateMachine):
     @rule()
     def evict_sidecar(self):
         c = self.cache
-        n = c.evict_mamba(1) if c.config.sidecar == "mamba" else c.evict_swa(2 * PS)
-        self._step(f"evict_{c.config.sidecar} -> {n}", Allowed(evict_dev=True, evict_host=True))
+        side = c.config.sidecar
+        n = c.evict_mamba(1) if side == "mamba" else c.evict_swa(2 * PS)
+
+        def check(b, a):
+            """Sidecar eviction is LRU over unlocked holders no operation works on (ties either way)."""
+            if side == "swa" and any(op.kind == "load" for op in b.ops.values()):
+                return []  # a load reserves SWA pages the abstract operation does not list
+            gone = Page(False, False)
+            cands = [p for p, g in b.pages.items() if getattr(g, side) and g.lock == 0 and p not in b.busy()]
+            chosen = [p for p in cands if not getattr(a.pages.get(p, gone), side)]
+            stayed = [p for p in cands if getattr(a.pages.get(p, gone), side)]
+            return self.rec.lru_errors(chosen, stayed, f"dropped the {side} data of")
+
+        self._step(f"evict_{side} -> {n}", Allowed(evict_dev=True, evict_host=True), check)
 
     @rule(node=nodes)
     def backup(self, node):
@@ -277,8 +357,16 @@ class CacheMachine(RuleBasedStateMachine):
         except PoolExhaustedError as e:
             return self._raised(f"load_back {end}", e)
 
+        touched = set(path) | ({end} if end else set()) | (set(effects.window(model, end)) if end else set())
+        free_to_start = not (touched & model.busy()) and not (
+            model.sidecar == "swa" and any(o.kind == "load" for o in model.ops.values()))
+
         def check(b, a):
-            if op is None or op.id not in a.ops:
+            if op is None:  # liveness: a load is refused only when nothing is missing or it is under way
+                return ([f"load_back({end}) started nothing, but the model says its path misses data "
+                         f"({path or 'a sidecar'}) and no operation is bringing it"]
+                        if free_to_start and effects.load_needed(model, end) else [])
+            if op.id not in a.ops:
                 return []
             got = a.ops[op.id].pages
             return [] if got == set(path) else [f"load_back moves {sorted(got)}, model says {path}"]
@@ -293,11 +381,11 @@ class CacheMachine(RuleBasedStateMachine):
         goes on with `extra`, and wrote its pages (and final state) to L3."""
         tokens = tokens[: keep * PS] + [t for p in extra for t in p]
         c = self.cache.config
-        hashes = page_hashes(ROOT_HASH, tokens, PS)
-        for h, page in zip(hashes, expected_pages(hashes, c.num_layers, PS, c.num_heads, c.head_dim, c.dtype), strict=True):
+        hashes = page_hashes(ROOT_HASH, tokens, PS)  # L3's keys; the contents come from the tokens
+        for h, page in zip(hashes, pages_kv(tuple(tokens), geometry(self.cache)), strict=True):
             self.storage.put(h, page)
         if self.state_storage is not None:
-            self.state_storage.put(hashes[-1], expected_state(hashes[-1], c.mamba_state_dim, c.dtype))
+            self.state_storage.put(hashes[-1], spec_state(tuple(tokens), c.mamba_state_dim, c.dtype))
         self._step(f"seed_storage {tokens}", Allowed())
         return tokens
 
@@ -344,14 +432,21 @@ class CacheMachine(RuleBasedStateMachine):
         else:
             want = True if policy == "best_effort" or settled else (done if policy == "timeout" else False)
         got = [anchor + tuple(key[: k * PS]) for k in range(1, arrived + 1)] if done else []
+        state_done = len(op.parts) > len(op.kv_parts) and status.get(op.parts[len(op.kv_parts)]) is PartStatus.DONE
         if done:
             del self.prefetching[rid]
+            self.rec.tick()
+            self.rec.use(got)  # the fetched pages join the tree: used now
 
         def check(b, a):
             v = [] if done == want else [f"prefetch_progress {rid} -> {done}, model says {want} (policy {policy}, "
                                          f"pool transfer in flight: {pool_pending}, settled: {settled})"]
             v += [f"{p}: prefetched page arrived but is not in the tree" for p in got
                   if p not in a.pages or not (a.pages[p].dev or a.pages[p].host)]
+            end = got[-1] if got else None
+            if (end and arrived == len(op.kv_parts) and state_done and a.pages.get(end, Page(False, False)).host
+                    and not a.pages[end].mamba_host):
+                v.append(f"{end}: prefetch fetched every page and the state, but the prefix has no L2 state")
             return v
 
         self._step(f"progress {rid} -> {done}", Allowed(gain_host=frozenset(got), gain_side=frozenset(got)), check)
@@ -425,7 +520,8 @@ class CacheMachine(RuleBasedStateMachine):
                 for p in op.pages:
                     if p in a.pages and not getattr(a.pages[p], tier):  # (a cascade may have deleted it)
                         v.append(f"op {op.id} ({op.kind}) acknowledged but {p} lacks its {tier} data")
-            return v
+            v += effects.ack_errors(a, [op.anchor for op in acked if op.kind == "load" and op.anchor])
+            return v + effects.settled_errors(self.after_snap.ops)
 
         self._step(f"poll -> {[op.id for op in done]}",
                    Allowed(gain_dev=frozenset(gain_dev), gain_host=frozenset(gain_host), gain_side=frozenset(side),
@@ -457,8 +553,9 @@ class CacheMachine(RuleBasedStateMachine):
             self.prefetching = {}
             self.cache.poll()
             self._expect(not self.cache.ops, f"operations still in flight after completing all: {list(self.cache.ops)}")
-            v = self.cache.check_invariants(check_data=True)
-            self._expect(not v, "invariants broken at teardown: " + "; ".join(map(str, v)))
+            snap = self.cache.snapshot()
+            v = [*map(str, check_all(snap)), *data_errors(self.cache, snap)]
+            self._expect(not v, "invariants broken at teardown: " + "; ".join(v))
         finally:
             self.held = []
 

@@ -1,0 +1,116 @@
+"""Required effects: what an operation *must* achieve, predicted from the model's own state.
+
+The frame (`models.abstract.frame`) says what a step may change; a cache that does nothing
+passes it. These predictions say what must hold after a step (DESIGN §2), each from the model's
+state before it and the figures the spec names (pool capacities):
+- an allocation succeeds whenever free plus freeable space covers it, and fails only when it
+  does not; when even evicting everything unlocked could not cover it, it changes nothing;
+- eviction frees what it is asked while anything is freeable (`models.abstract.check_evict`);
+- under write-through every inserted page is backed up (or being backed up), and under selective
+  write-through every page whose hits reached the threshold, unless L2 truly has no room;
+- a load-back starts whenever its anchor's path misses data and nothing is loading it, and once
+  acknowledged its anchor is a device match end;
+- poll finishes every operation whose parts have all settled (liveness);
+- a prefetch that fetched everything, with its state, leaves the state on the prefix it ends.
+"""
+
+from __future__ import annotations
+
+from .abstract import Model, Prefix
+from .recency import Recency
+
+
+def freeable_device(m: Model, write_back: bool) -> int:
+    """L1 KV tokens eviction can free right now, cascades aside: unlocked device pages whose
+    device descendants are all freeable and which may lose their device copy (an L2 copy to demote
+    to, or no host reference; under write-back a page without an L2 copy waits for its backup)."""
+    ok: dict[Prefix, bool] = {}
+    for p in sorted(m.pages, key=len, reverse=True):  # children before parents
+        g = m.pages[p]
+        if not g.dev:
+            continue
+        kids = [c for c in m.children(p) if m.pages[c].dev]
+        ok[p] = (g.lock == 0 and all(ok[c] for c in kids)
+                 and (g.host or (g.host_ref == 0 and not write_back)))
+    return m.page_size * sum(ok.values())
+
+
+def unlocked_device(m: Model) -> int:
+    """L1 KV tokens not protected by a lock: the most eviction could ever free."""
+    return m.page_size * sum(1 for g in m.pages.values() if g.dev and g.lock == 0)
+
+
+def alloc_errors(before: Model, n: int, free: int, raised: bool, write_back: bool, changed: list[str]) -> list[str]:
+    """alloc_device(n) with `free` L1 tokens free before it; `changed` is what the frame saw change."""
+    v = []
+    room = free + freeable_device(before, write_back)
+    if raised and room >= n:
+        v.append(f"alloc of {n} tokens failed although {free} were free and {room - free} freeable")
+    if raised and free + unlocked_device(before) < n and changed:
+        v.append(f"alloc of {n} tokens could never succeed ({free} free, {unlocked_device(before)} unlocked) "
+                 f"but evicted before failing: {changed[0]}")
+    return v
+
+
+def host_room(before: Model, free_host: int) -> int:
+    """L2 tokens a backup can get: free ones plus every host-only page no one references."""
+    return free_host + before.host_evictable_tokens(())
+
+
+def backup_errors(before: Model, after: Model, due: list[Prefix], free_host: int) -> list[str]:
+    """Every page in `due` (on device, due for backup by policy) has an L2 copy or a backup in
+    flight after the step, unless L2 could not hold them all."""
+    ps = before.page_size
+    busy = before.busy()
+    due = [p for p in due if p not in busy and p in after.pages and after.pages[p].dev]
+    need = [p for p in due if not (before.pages.get(p) and before.pages[p].host)]
+    if not need or ps * len(need) > host_room(before, free_host):
+        return []
+    backing = {q for op in after.ops.values() if op.kind == "backup" for q in op.pages}
+    missing = [p for p in need if not after.pages[p].host and p not in backing]
+    return [f"{p}: due for backup ({'write-through' if len(due) else ''}) but neither on L2 nor being backed up, "
+            f"with {host_room(before, free_host)} L2 tokens available" for p in missing[:3]]
+
+
+def due_selective(m: Model, rec: Recency, pages: list[Prefix], threshold: int) -> list[Prefix]:
+    """Pages of `pages` whose hits certainly reached the selective write-through threshold."""
+    return [p for p in pages if rec.certainly_hit(p, threshold)]
+
+
+def load_needed(m: Model, end: Prefix) -> bool:
+    """Whether load_back(end) has something to bring: full KV off device on its path, its mamba
+    state, or SWA data within its window."""
+    path = [p for p in m.page_prefixes(end) if not m.pages[p].dev]
+    if path:
+        return True
+    if not end:
+        return False
+    if m.sidecar == "mamba":
+        return not m.pages[end].mamba
+    if m.sidecar == "swa":
+        return any(not m.pages[q].swa for q in window(m, end))
+    return False
+
+
+def window(m: Model, end: Prefix) -> list[Prefix]:
+    """The page prefixes within the SWA window ending at `end` (node-granular windows may reach
+    further up; the cache only needs these)."""
+    ps = m.page_size
+    return [end[:k] for k in range(len(end), max(0, len(end) - m.window), -ps)]
+
+
+def ack_errors(after: Model, acked_loads: list[Prefix]) -> list[str]:
+    """An acknowledged load-back leaves its anchor a device match end."""
+    return [f"load-back to {p} acknowledged but {p} is not a device match end"
+            for p in acked_loads if p in after.pages and not after.valid_end(p, "device")]
+
+
+def settled_errors(ops) -> list[str]:
+    """Poll liveness: no operation whose parts have all settled stays in flight (prefetches that
+    still wait for their request aside)."""
+    v = []
+    for op in ops:
+        settled = all(s != "pending" for _, s in op.parts)
+        if settled and (op.kind in ("backup", "load", "store") or op.state == "draining"):
+            v.append(f"op {op.id} ({op.kind}) has every part settled but poll left it in flight")
+    return v
