@@ -39,12 +39,14 @@ from refcache import (
     PoolExhaustedError,
     RefCacheError,
 )
+from refcache.errors import StorageIOError
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import MemoryStorage
 from refcache.transfer import PartStatus
 
 from .data_oracle import data_errors, geometry, served_ok, write_request, write_state
+from .peer_ranks import PeerRanks, PeerView
 
 PS = 2
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
@@ -90,8 +92,9 @@ class CacheMachine(RuleBasedStateMachine):
         page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
         self.storage = MemoryStorage(256, page, cfg.dtype)
         self.state_storage = MemoryStorage(256, (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
+        self.ranks = PeerRanks()  # a simulated second TP rank whose local view rules may change
         self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device),
-                             storage=self.storage, state_storage=self.state_storage)
+                             storage=self.storage, state_storage=self.state_storage, ranks=self.ranks)
         self.held: list = []  # nodes this driver holds a caller lock on (as lock() returned them)
         self.prefetching: dict[str, tuple] = {}  # request id -> (operation, anchor prefix, key)
         self._rids = itertools.count()
@@ -382,10 +385,13 @@ class CacheMachine(RuleBasedStateMachine):
         tokens = tokens[: keep * PS] + [t for p in extra for t in p]
         c = self.cache.config
         hashes = page_hashes(ROOT_HASH, tokens, PS)  # L3's keys; the contents come from the tokens
-        for h, page in zip(hashes, pages_kv(tuple(tokens), geometry(self.cache)), strict=True):
-            self.storage.put(h, page)
-        if self.state_storage is not None:
-            self.state_storage.put(hashes[-1], spec_state(tuple(tokens), c.mamba_state_dim, c.dtype))
+        try:  # an injected write fault hits this writer too: the page is then missing (or torn)
+            for h, page in zip(hashes, pages_kv(tuple(tokens), geometry(self.cache)), strict=True):
+                self.storage.put(h, page)
+            if self.state_storage is not None:
+                self.state_storage.put(hashes[-1], spec_state(tuple(tokens), c.mamba_state_dim, c.dtype))
+        except StorageIOError:
+            pass
         self._step(f"seed_storage {tokens}", Allowed())
         return tokens
 
@@ -397,6 +403,28 @@ class CacheMachine(RuleBasedStateMachine):
             return self._raised("store", e)
         self._step(f"store {node_prefix(node)} -> {op and op.id}", Allowed())
 
+    @rule(kind=st.sampled_from(["io_error", "torn"]), op=st.sampled_from(["get", "put"]))
+    def storage_fault(self, kind, op):
+        """The next L3 read (or write) fails or comes back torn: a failed read may bring nothing,
+        never wrong data (D1 checks every page that lands)."""
+        self.storage.faults.inject(kind, op)
+        self._step(f"storage_fault {kind} {op}", Allowed())
+
+    @rule(tokens=requests, k=st.integers(0, 7))
+    def storage_hole(self, tokens, k):
+        """Storage lost one page of a prefix (evicted or deleted elsewhere): later pages stay, so a
+        prefetch must stop at the hole."""
+        hashes = page_hashes(ROOT_HASH, tokens, PS)
+        self.storage.delete(hashes[k % len(hashes)])
+        self._step(f"storage_hole {tokens} page {k % len(hashes)}", Allowed())
+
+    @rule(cap=st.sampled_from([None, 0, PS, 2 * PS]), ready=st.booleans(), terminated=st.booleans())
+    def peer_view(self, cap, ready, terminated):
+        """The simulated peer TP rank's local view changes: its storage holds fewer pages, it is
+        still waiting on its own transfers, or it already stopped waiting."""
+        self.ranks.view = PeerView(cap, ready, terminated)
+        self._step(f"peer_view cap={cap} ready={ready} terminated={terminated}", Allowed())
+
     @rule(tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2))
     def prefetch(self, tokens, extra):
         """Prefetch the continuation past last_host_node of what storage holds."""
@@ -405,6 +433,8 @@ class CacheMachine(RuleBasedStateMachine):
         m = self._match(tokens)
         anchor = node_prefix(m.last_host_node)
         stored = self.storage.exists(page_hashes(ROOT_HASH, tokens, PS)[len(anchor) // PS:]) * PS
+        cap = self.ranks.view.hit_cap
+        stored = stored if cap is None else min(stored, cap)  # TP: every rank fetches what all can supply
         want = self.model.predict_prefetch(stored, c.host_kv.allocator.available(), anchor,
                                            c.config.prefetch_threshold)
         rid = f"req{next(self._rids)}"
@@ -427,11 +457,15 @@ class CacheMachine(RuleBasedStateMachine):
         settled = not any(s is PartStatus.PENDING for s in status.values())
         policy = self.cache.config.prefetch_policy.value
         done = self.cache.prefetch_progress(rid)
-        if pool_pending:
-            want = False  # X2: never while a pool transfer is in flight
+        peer = self.ranks.view
+        if peer.terminated:
+            want = True  # TP: a rank that stopped waiting pulls every rank along
+        elif pool_pending or not peer.ready:
+            want = False  # X2: never while a pool transfer is in flight (on any rank)
         else:
             want = True if policy == "best_effort" or settled else (done if policy == "timeout" else False)
-        got = [anchor + tuple(key[: k * PS]) for k in range(1, arrived + 1)] if done else []
+        # a rank whose pool transfer is still in flight gives up its part: nothing joins its tree
+        got = [anchor + tuple(key[: k * PS]) for k in range(1, arrived + 1)] if done and not pool_pending else []
         state_done = len(op.parts) > len(op.kv_parts) and status.get(op.parts[len(op.kv_parts)]) is PartStatus.DONE
         if done:
             del self.prefetching[rid]
@@ -548,6 +582,8 @@ class CacheMachine(RuleBasedStateMachine):
             for n in self.held:
                 self.cache.unlock(n)
             self.cache.executor.complete_all()
+            self.ranks.view = PeerView()  # the peer's transfers land too
+            self.storage.faults.clear()
             for rid in self.prefetching:  # X3: once everything arrived, every policy lets the request go
                 self._expect(self.cache.prefetch_progress(rid), f"prefetch {rid} never terminates")
             self.prefetching = {}

@@ -10,16 +10,20 @@ A new bug is one more entry in `SEEDED_BUGS`; the tests and `refcache verify` pi
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from unittest import mock
 
 import refcache.bookkeeping as bookkeeping_mod
 import refcache.cache as cache_mod
+import refcache.pages as pages_mod
 import refcache.prefetch as prefetch_mod
 from refcache.cache import HiCache
-from refcache.config import PrefetchPolicy
-from refcache.pages import ROOT_HASH, chain_hash, page_align
+from refcache.config import PrefetchPolicy, WritePolicy
+from refcache.errors import PoolExhaustedError
+from refcache.pages import _MASK63, ROOT_HASH, chain_hash, page_align
 from refcache.prefetch import PrefetchMixin
 from refcache.tp import agree_termination
 from refcache.transfer import COPY_INDEX_DTYPE, OpState, PartStatus
@@ -228,6 +232,59 @@ def _drop_mamba_leaking(self, node):
     node.mamba_value = None  # the bug: the state slot is never returned to the pool
 
 
+@contextlib.contextmanager
+def _replace_code(fn, new):
+    """Give `fn` the body of `new` (every caller, including names imported elsewhere, sees it),
+    as an edit of `fn`'s source would; restored on exit."""
+    old, fn.__code__ = fn.__code__, new.__code__
+    try:
+        yield
+    finally:
+        fn.__code__ = old
+
+
+def _chain_hash_first_token(parent_hash, page_tokens):
+    """chain_hash that hashes only the first token of each page (still chained): pages that differ
+    after their first token collide. Installed as chain_hash's code, like an edit of its source."""
+    payload = struct.pack("<qq", parent_hash, page_tokens[0])
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") & _MASK63
+
+
+def _match_forgetting_recency(self, tokens):
+    """match_prefix that no longer refreshes the recency of the path it matched."""
+    stamps = {n.id: n.last_access for n in self._nodes.values()}
+    res = _match_prefix(self, tokens)
+    for n in self._nodes.values():
+        if n.id in stamps:  # (a node split off by this match keeps the stamp it copied)
+            n.last_access = stamps[n.id]
+    return res
+
+
+_match_prefix = HiCache.match_prefix
+
+
+def _make_room_refusing_last(self, n_tokens, swa_tokens, evict):
+    """Room-making that refuses when it would have to evict every unlocked token (>= for >)."""
+    short = n_tokens - self.device_kv.allocator.available()
+    if evict and 0 < short and short >= self.book.size("full", "device", "evictable"):
+        raise PoolExhaustedError(f"L1: {n_tokens} tokens needed")
+    return _make_room_device(self, n_tokens, swa_tokens, evict)
+
+
+_make_room_device = HiCache._make_room_device
+
+
+def _try_backup_only_changed(self, node, demote=False):
+    """Write-through that backs up only the nodes an insert created or re-filled: a node it merely
+    passed, whose earlier backup failed, is never retried."""
+    if not demote and self.config.write_policy is WritePolicy.WRITE_THROUGH and node.hit_count:
+        return False
+    return _try_backup(self, node, demote)
+
+
+_try_backup = HiCache._try_backup
+
+
 _ALL = tuple(f"{c}/{p}" for c in ("full", "mamba", "swa")
              for p in ("write_through", "write_through_selective", "write_back"))
 _SIDECAR = tuple(m for m in _ALL if not m.startswith("full"))
@@ -342,4 +399,30 @@ SEEDED_BUGS: dict[str, SeededBug] = {
         "Dropping a node's recurrent state clears the reference but never frees the slot, so the state pool leaks "
         "one slot per eviction until allocation fails. Caught by R1 (free + owned = capacity).",
         ("sgl-project/sglang#16067",)),
+    "weak_hash_collides": SeededBug(
+        0, "the chain hash reads only the first token of each page",
+        lambda: _replace_code(pages_mod.chain_hash, _chain_hash_first_token),
+        ("full/write_through",),
+        "A weakened page hash (here: only the page's first token is hashed, still chained from the parent) makes "
+        "pages that differ later in the page share an L3 key, so a prefetch brings another prefix's KV. The cache "
+        "agrees with itself (its hashes chain, S1 holds); caught only because the oracle derives every page's "
+        "bytes from the token prefix (D1), not from the cache's hash."),
+    "match_forgets_recency": SeededBug(
+        0, "match_prefix stops refreshing the recency of the path it matched",
+        lambda: mock.patch.object(HiCache, "match_prefix", _match_forgetting_recency), ("full/write_through",),
+        "A hit no longer makes its prefix recently used, so eviction drops hot prefixes before cold ones. The "
+        "cache's eviction is consistent with its own stamps; caught because the model keeps its own recency and "
+        "judges every LRU choice by it."),
+    "alloc_refuses_when_all_evictable_needed": SeededBug(
+        0, "allocation fails when it would need every evictable token (>= instead of >)",
+        lambda: mock.patch.object(HiCache, "_make_room_device", _make_room_refusing_last), ("full/write_through",),
+        "An off-by-one in the room check refuses an allocation that eviction could satisfy exactly, a spurious "
+        "out-of-memory under load. Failing is always allowed by the frame; caught by the model's required effect "
+        "(an allocation succeeds whenever free plus freeable space covers it)."),
+    "write_through_skips_passed_nodes": SeededBug(
+        0, "write-through backs up only the nodes an insert creates, never retrying a node it passes",
+        lambda: mock.patch.object(HiCache, "_try_backup", _try_backup_only_changed), ("full/write_through",),
+        "After a backup failed for lack of L2 room, later inserts through that node never back it up again, so "
+        "the prefix is lost on the next eviction. Nothing changes that may not; caught by the model's required "
+        "effect (under write-through every inserted page is on L2 or being backed up when L2 has room)."),
 }

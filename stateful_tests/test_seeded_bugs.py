@@ -40,11 +40,14 @@ def test_patches_are_undone():
     watched = [(cache_mod, "resolve"), (cache_mod, "copy_kv"), (prefetch_mod, "prefetch_length"),
                (prefetch_mod, "page_hashes"), (bookkeeping_mod, "contribution"), (bookkeeping_mod, "host_evictable"),
                *[(PrefetchMixin, n) for n in ("prefetch_progress", "abort_prefetch", "_drain")],
-               *[(HiCache, n) for n in ("match_prefix", "lock", "_cascade", "_split", "_drop_device", "_release",
+               *[(HiCache, n) for n in ("match_prefix", "lock", "_make_room_device", "_try_backup",
+                                        "_cascade", "_split", "_drop_device", "_release",
                                         "_drop_mamba")]]
 
     def current_impls():
-        return [getattr(owner, name) for owner, name in watched]
+        import refcache.pages as pages_mod
+
+        return [getattr(owner, name) for owner, name in watched] + [pages_mod.chain_hash.__code__]
 
     originals = current_impls()
     for name, bug in SEEDED_BUGS.items():
