@@ -4,16 +4,21 @@ State. The cache is a set of *page prefixes* (token tuples ending on a page boun
 boundaries are an implementation detail (a split changes no page prefix), so the model is
 per page: for each cached page prefix, its full-KV tiers (device, host), its sidecar data
 (a mamba state for exactly that prefix on L1/L2; SWA KV on L1/L2), its lock and host
-reference counts, and the access stamp the implementation gave it (read back, only to judge
-whether an LRU choice was allowed). In-flight operations are the pages they move.
+reference counts. In-flight operations are the pages they move.
 
 Transitions. Each operation of §2 is a relation between two abstract states:
-- `predict_*` say what a result must be (match lengths, insert's cached length, lock target);
+- `predict_*` say what a result must be (match lengths, insert's cached length, lock target,
+  prefetch length);
 - `frame` says which pages may gain or lose which data in a step (`Allowed`), and that locked
   pages never lose device data nor referenced pages their host data;
-- `check_evict` / `check_evict_host` accept any LRU order the spec allows (ties either way)
-  by reading back which pages the implementation chose.
-`abstract(snapshot)` is the abstraction function from `refcache.snapshot()` onto this state.
+- `check_evict` / `check_evict_host` accept any LRU order the spec allows (ties either way),
+  judged by the model's own recency (`models.recency`), never by the cache's stamps;
+- `models.effects` says what a step must achieve (allocations that must succeed, backups due,
+  load-backs that must start, operations poll must finish), `models.contents` what every page
+  must hold (a function of its token prefix).
+`abstract(snapshot)` is the abstraction function from `refcache.snapshot()` onto this state. The
+snapshot's access stamps are kept in `Page.stamp` only for targets whose recency the model cannot
+follow (conformance); the refcache machines never read them.
 """
 
 from __future__ import annotations

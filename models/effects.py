@@ -68,7 +68,7 @@ def backup_errors(before: Model, after: Model, due: list[Prefix], free_host: int
         return []
     backing = {q for op in after.ops.values() if op.kind == "backup" for q in op.pages}
     missing = [p for p in need if not after.pages[p].host and p not in backing]
-    return [f"{p}: due for backup ({'write-through' if len(due) else ''}) but neither on L2 nor being backed up, "
+    return [f"{p}: due for backup by the write policy but neither on L2 nor being backed up, "
             f"with {host_room(before, free_host)} L2 tokens available" for p in missing[:3]]
 
 

@@ -136,6 +136,12 @@ class CacheMachine(RuleBasedStateMachine):
         still holding device KV."""
         return Allowed(evict_host=True, evict_dev=self.model.sidecar is not None, **kw)
 
+    def _l1_room(self, **kw) -> Allowed:
+        """A step that may make L1 room: device eviction. It loses L2 data only through a sidecar
+        tombstone's cascade, or when a write-back backup makes L2 room first."""
+        host = self.model.sidecar is not None or self.cache.config.write_policy.value == "write_back"
+        return Allowed(evict_dev=True, evict_host=host, **kw)
+
     def _raised(self, what: str, e: RefCacheError) -> None:
         """An operation raised: nothing may have changed (pool exhaustion may have evicted first,
         as alloc_device documents for write-back)."""
@@ -184,7 +190,7 @@ class CacheMachine(RuleBasedStateMachine):
                 if got is None and must else []
 
         self._step(f"{what} {n}" + (" -> PoolExhausted" if got is None else ""),
-                   Allowed(evict_dev=True, evict_host=True), check)
+                   self._l1_room(), check)
         return got
 
     @rule(tokens=requests)
@@ -300,7 +306,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(n=st.sampled_from([PS, 4 * PS, 10**6]))
     def evict(self, n):
         freed = self.cache.evict(n)
-        self._step(f"evict {n} -> {freed}", Allowed(evict_dev=True, evict_host=True),
+        self._step(f"evict {n} -> {freed}", self._l1_room(),
                    lambda b, a: check_evict(b, a, n, freed, rec=self.rec))
 
     @precondition(lambda self: any(g.host for g in self.model.pages.values()))
@@ -374,7 +380,7 @@ class CacheMachine(RuleBasedStateMachine):
             got = a.ops[op.id].pages
             return [] if got == set(path) else [f"load_back moves {sorted(got)}, model says {path}"]
 
-        self._step(f"load_back {end} -> {op and op.id}", Allowed(evict_dev=True, evict_host=True), check)
+        self._step(f"load_back {end} -> {op and op.id}", self._l1_room(), check)
 
     # ------------------------------------------------------------------------- L3 rules
     @rule(target=requests, tokens=st.one_of(requests, long_tokens_st), keep=st.sampled_from([1, 2, 8]),
@@ -544,6 +550,9 @@ class CacheMachine(RuleBasedStateMachine):
                 continue
             acked.append(a)
             (gain_dev if a.kind == "load" else gain_host).update(a.pages)
+        # device data goes only when a write-back backup lands (its node is demoted) or through a
+        # sidecar tombstone's cascade; L2 data only through such a cascade
+        side_or_wb = self.model.sidecar is not None or self.cache.config.write_policy.value == "write_back"
         ends = gain_dev | gain_host | {a.anchor for a in acked if a.anchor}
         side = {p[:i] for p in ends for i in range(PS, len(p) + 1, PS)}  # mamba at the end, SWA in the window
 
@@ -559,7 +568,7 @@ class CacheMachine(RuleBasedStateMachine):
 
         self._step(f"poll -> {[op.id for op in done]}",
                    Allowed(gain_dev=frozenset(gain_dev), gain_host=frozenset(gain_host), gain_side=frozenset(side),
-                           evict_dev=True, evict_host=True, ops_finish=True), check)
+                           evict_dev=side_or_wb, evict_host=self.model.sidecar is not None, ops_finish=True), check)
 
     # ---------------------------------------------------------------------- invariants
     @invariant()
