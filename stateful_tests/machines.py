@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import tempfile
 from collections import Counter
 
 from hypothesis import strategies as st
@@ -39,10 +41,9 @@ from refcache import (
     PoolExhaustedError,
     RefCacheError,
 )
-from refcache.errors import StorageIOError
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
-from refcache.storage import MemoryStorage
+from refcache.storage import FileStorage, MemoryStorage
 from refcache.transfer import PartStatus
 
 from .data_oracle import data_errors, geometry, served_ok, write_request, write_state
@@ -81,6 +82,7 @@ class CacheMachine(RuleBasedStateMachine):
     """Base machine; subclasses set CONFIG (CacheConfig keyword arguments)."""
 
     CONFIG: dict = {}
+    STORAGE = "memory"  # L3 backend: "memory" or "file"
     checked_steps = 0  # steps checked against the model, all machines together (benchmarks, campaign)
     requests = Bundle("requests")
     nodes = Bundle("nodes")
@@ -90,8 +92,10 @@ class CacheMachine(RuleBasedStateMachine):
         cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=24, backup_after_hits=2,
                           prefetch_threshold=PS, prefetch_timeout_steps=3, device=device(), **self.CONFIG)
         page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
-        self.storage = MemoryStorage(256, page, cfg.dtype)
-        self.state_storage = MemoryStorage(256, (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
+        self.l3_dir = tempfile.mkdtemp(prefix="refcache-l3-") if self.STORAGE == "file" else None
+        self.storage = self._open_storage("kv", page, cfg.dtype)
+        self.state_storage = self._open_storage("state", (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
+        self.l3_writes: list = []  # other instances' L3 writes not landed yet (held by a "slow" fault)
         self.ranks = PeerRanks()  # a simulated second TP rank whose local view rules may change
         self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device),
                              storage=self.storage, state_storage=self.state_storage, ranks=self.ranks)
@@ -103,6 +107,13 @@ class CacheMachine(RuleBasedStateMachine):
         self.rec = Recency()  # the model's own recency and hit counts (never the cache's stamps)
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
+
+    def _open_storage(self, name: str, page_shape, dtype):
+        """L3 as this machine's backend kind: in memory (roomy), or files in a directory with room
+        for few pages, so L3's own LRU eviction happens too."""
+        if self.l3_dir is None:
+            return MemoryStorage(256, page_shape, dtype)
+        return FileStorage(os.path.join(self.l3_dir, name), page_shape, dtype, capacity_pages=12, fsync=False)
 
     # ------------------------------------------------------------------ lockstep helper
     def _step(self, what: str, allowed: Allowed, check=None) -> None:
@@ -391,15 +402,40 @@ class CacheMachine(RuleBasedStateMachine):
         tokens = tokens[: keep * PS] + [t for p in extra for t in p]
         c = self.cache.config
         hashes = page_hashes(ROOT_HASH, tokens, PS)  # L3's keys; the contents come from the tokens
-        try:  # an injected write fault hits this writer too: the page is then missing (or torn)
-            for h, page in zip(hashes, pages_kv(tuple(tokens), geometry(self.cache)), strict=True):
-                self.storage.put(h, page)
-            if self.state_storage is not None:
-                self.state_storage.put(hashes[-1], spec_state(tuple(tokens), c.mamba_state_dim, c.dtype))
-        except StorageIOError:
-            pass
+        # asynchronous writes: an injected fault hits this writer too (a page missing, torn, or held)
+        self.l3_writes.append(self.storage.start_put(hashes, list(pages_kv(tuple(tokens), geometry(self.cache)))))
+        if self.state_storage is not None:
+            self.l3_writes.append(self.state_storage.start_put(
+                hashes[-1:], [spec_state(tuple(tokens), c.mamba_state_dim, c.dtype).clone()]))
+        self.l3_writes = [w for w in self.l3_writes if not w.poll()]
         self._step(f"seed_storage {tokens}", Allowed())
         return tokens
+
+    @precondition(lambda self: self.l3_writes)
+    @rule()
+    def storage_writes_land(self):
+        """Held L3 writes of other instances are released and land."""
+        for st_ in (self.storage, self.state_storage):
+            if st_ is not None:
+                st_.faults.release()
+        self.l3_writes = [w for w in self.l3_writes if not w.poll()]
+        self._step("storage_writes_land", Allowed())
+
+    @precondition(lambda self: self.l3_dir is not None)
+    @rule()
+    def reopen_storage(self):
+        """The storage service restarts: a new backend over the same directory rebuilds its index
+        from the files (reads in flight keep the old handle, which sees the same files)."""
+        for st_ in (self.storage, self.state_storage):
+            if st_ is not None:
+                st_.faults.release()
+        self.l3_writes = [w for w in self.l3_writes if not w.poll()]
+        cfg = self.cache.config
+        self.storage = self.cache.storage = self._open_storage("kv", self.storage.page_shape, cfg.dtype)
+        if self.state_storage is not None:
+            self.state_storage = self.cache.state_storage = self._open_storage(
+                "state", (cfg.mamba_state_dim,), cfg.dtype)
+        self._step("reopen_storage", Allowed())
 
     @rule(node=nodes)
     def store(self, node):
@@ -409,7 +445,7 @@ class CacheMachine(RuleBasedStateMachine):
             return self._raised("store", e)
         self._step(f"store {node_prefix(node)} -> {op and op.id}", Allowed())
 
-    @rule(kind=st.sampled_from(["io_error", "torn"]), op=st.sampled_from(["get", "put"]))
+    @rule(kind=st.sampled_from(["io_error", "torn", "slow"]), op=st.sampled_from(["get", "put"]))
     def storage_fault(self, kind, op):
         """The next L3 read (or write) fails or comes back torn: a failed read may bring nothing,
         never wrong data (D1 checks every page that lands)."""
@@ -603,16 +639,20 @@ class CacheMachine(RuleBasedStateMachine):
             self._expect(not v, "invariants broken at teardown: " + "; ".join(v))
         finally:
             self.held = []
+            if self.l3_dir is not None:
+                shutil.rmtree(self.l3_dir, ignore_errors=True)
 
 
-def _machine(comp: str, policy: str, prefetch: str) -> type[CacheMachine]:
+def _machine(comp: str, policy: str, prefetch: str, storage: str) -> type[CacheMachine]:
     camel = "".join(w.capitalize() for w in f"{comp}_{policy}_{prefetch}".split("_"))
     return type(f"{camel}Machine", (CacheMachine,),
-                {"CONFIG": {**COMPONENTS[comp], "write_policy": policy, "prefetch_policy": prefetch}})
+                {"CONFIG": {**COMPONENTS[comp], "write_policy": policy, "prefetch_policy": prefetch},
+                 "STORAGE": storage})
 
 
 # A Latin square: machine (component i, write policy j) prefetches under policy (i + j) % 3, so each
-# pair of component, write policy and prefetch policy is exercised by some machine.
+# pair of component, write policy and prefetch policy is exercised by some machine; three machines,
+# one per component and per write policy, keep L3 in files with little room (the others in memory).
 MACHINES: dict[str, type[CacheMachine]] = {
-    f"{c}/{p}": _machine(c, p, PREFETCH_POLICIES[(i + j) % 3])
+    f"{c}/{p}": _machine(c, p, PREFETCH_POLICIES[(i + j) % 3], "file" if (i + 2 * j) % 3 == 1 else "memory")
     for i, c in enumerate(COMPONENTS) for j, p in enumerate(POLICIES)}
