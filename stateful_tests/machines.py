@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from collections import Counter
 
+import torch
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, multiple, precondition, rule
 
@@ -37,9 +38,15 @@ from refcache import (
     DeterministicExecutor,
     HiCache,
     InvalidAnchorError,
+    InvalidIndicesError,
+    InvalidKeyError,
+    LockError,
     OpState,
     PoolExhaustedError,
     RefCacheError,
+    TreeNode,
+    UnknownNodeError,
+    UnknownOperationError,
 )
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
@@ -353,6 +360,34 @@ class CacheMachine(RuleBasedStateMachine):
 
         self._step(f"evict_{side} -> {n}", Allowed(evict_dev=True, evict_host=True), check)
 
+    @rule(kind=st.sampled_from(["unaligned_key", "foreign_slots", "free_cached_slots", "unlock_unlocked",
+                                "detached_node", "float_tokens", "unknown_prefetch"]), tokens=requests)
+    def misuse(self, kind, tokens):
+        """A caller's mistake: the operation must raise the documented error and change nothing."""
+        c, ps = self.cache, PS
+        dev = [n for n in c.nodes() if n.value is not None]
+        calls = {
+            "unaligned_key": (InvalidKeyError, lambda: c.insert(tokens + [1], c._empty_indices())),
+            "foreign_slots": (InvalidIndicesError, lambda: c.insert(tokens, torch.arange(
+                len(tokens), dtype=torch.int64, device=c.device_kv.allocator.index_device))),
+            "free_cached_slots": (InvalidIndicesError, lambda: c.free_device(dev[0].value[:ps]) if dev else
+                                  c.free_device(torch.arange(ps, dtype=torch.int64,
+                                                             device=c.device_kv.allocator.index_device))),
+            "unlock_unlocked": (LockError, lambda: c.unlock(next((n for n in c.nodes()
+                                                                  if n.id not in c.caller_locks()), None) or _raise())),
+            "detached_node": (UnknownNodeError, lambda: c.lock(TreeNode(tuple(tokens[:ps]), c.root))),
+            "float_tokens": (InvalidKeyError, lambda: c.match_prefix(torch.tensor(tokens, dtype=torch.float32))),
+            "unknown_prefetch": (UnknownOperationError, lambda: c.prefetch_progress("no-such-request")),
+        }
+        want, call = calls[kind]
+        try:
+            call()
+        except _NothingToMisuse:
+            return
+        except want:
+            return self._step(f"misuse {kind} -> {want.__name__}", Allowed(), lambda b, a: same_data(b, a))
+        raise Disagreement(f"misuse {kind}: {want.__name__} expected, but the call returned or raised otherwise")
+
     @rule(node=nodes)
     def backup(self, node):
         try:
@@ -641,6 +676,14 @@ class CacheMachine(RuleBasedStateMachine):
             self.held = []
             if self.l3_dir is not None:
                 shutil.rmtree(self.l3_dir, ignore_errors=True)
+
+
+class _NothingToMisuse(Exception):
+    pass
+
+
+def _raise():
+    raise _NothingToMisuse
 
 
 def _machine(comp: str, policy: str, prefetch: str, storage: str) -> type[CacheMachine]:
