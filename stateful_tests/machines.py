@@ -264,7 +264,12 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append("inserted pages are not all on device")
             return v + effects.backup_errors(b, a, due, free_host)
 
-        self._step(f"insert {tokens}", self._l2_room(gain_dev=gain, gain_side=gain), check)
+        side = gain if m.sidecar == "swa" else frozenset([end]) if want_slot else frozenset()
+        if policy == "write_back":  # no backup starts: nothing else may change, no lock is taken
+            allowed = Allowed(gain_dev=gain, gain_side=side, lock_delta={})
+        else:
+            allowed = self._l2_room(gain_dev=gain, gain_side=side)
+        self._step(f"insert {tokens}", allowed, check)
 
     def _match(self, tokens):
         want = self.model.predict_match(tokens)
@@ -287,7 +292,10 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append("D1: match served device pages that do not hold the bytes of the prefix")
             return v + effects.backup_errors(b, a, due, free_host)
 
-        self._step(f"match {tokens}", self._l2_room(), check)  # selective backups may make L2 room
+        # only selective write-through acts on a match (a backup, which may make L2 room and locks
+        # its node); otherwise a match changes no data and no lock
+        allowed = self._l2_room() if c.write_policy.value == "write_through_selective" else Allowed(lock_delta={})
+        self._step(f"match {tokens}", allowed, check)
         return m
 
     @rule(target=nodes, tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2))
@@ -324,7 +332,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(n=st.sampled_from([PS, 4 * PS, 10**6]))
     def evict(self, n):
         freed = self.cache.evict(n)
-        self._step(f"evict {n} -> {freed}", self._l1_room(),
+        wb = self.cache.config.write_policy.value == "write_back"  # only a write-back backup takes a lock
+        self._step(f"evict {n} -> {freed}", self._l1_room() if wb else self._l1_room(lock_delta={}),
                    lambda b, a: check_evict(b, a, n, freed, rec=self.rec))
 
     @precondition(lambda self: any(g.host for g in self.model.pages.values()))
