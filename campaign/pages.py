@@ -10,9 +10,11 @@ from pathlib import Path
 def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table both pages show."""
     v = summary["verdict"]
-    out = [("Verdict", ["clean cache", "bugs detected", "median time to detection", "elapsed"],
+    never = v.get("events_never_reached")
+    out = [("Verdict", ["clean cache", "bugs detected", "median time to detection", "elapsed", "rare events never reached"],
             [["no violation" if v["clean_ok"] else "VIOLATIONS", v["bugs_detected"],
-              "-" if v["median_detection_s"] is None else f"{v['median_detection_s']:.1f} s", f"{v['elapsed_s']} s"]])]
+              "-" if v["median_detection_s"] is None else f"{v['median_detection_s']:.1f} s", f"{v['elapsed_s']} s",
+              "-" if never is None else ", ".join(never) or "none"]])]
     if summary["bugs"]:
         out.append(("Seeded-bug detection", ["bug", "class", "detected", "time to detection", "minimized steps",
                                              "check that fired", "machine", "report"],
@@ -23,6 +25,7 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
                 [[m, str(r["steps"]), f"{r['seconds']:.1f}", str(r["violations"])]
                  for m, r in summary["machines"].items()]
                 + [["all", str(summary["clean"]["steps"]), "", str(summary["clean"]["violations"])]]))
+    out += _coverage_tables(summary.get("coverage"))
     if summary.get("conformance"):
         out.append(("Conformance targets", ["target", "steps", "disagreements", "note"],
                     [[c["target"], str(c.get("steps", 0)), str(c.get("violations", 0)),
@@ -49,6 +52,34 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     return out
 
 
+def _coverage_tables(cov: dict | None) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Rare events reached, per-module branch coverage and rule counts of the clean exploration."""
+    if not cov:
+        return []
+    desc = cov.get("descriptions", {})
+    out = [("Rare events reached by the clean exploration (steps that went through each)",
+            ["event", "reached", "what it is"],
+            [[name, str(n) if n else "NEVER", desc.get(name, "")] for name, n in cov["events"].items()])]
+    if cov.get("detector_errors"):
+        out.append(("Event detector errors (an observer bug, not a cache bug)", ["error", "count"],
+                    [[k, str(n)] for k, n in cov["detector_errors"].items()]))
+    rows = [[m, f"{b['statements_covered']}/{b['statements']}", f"{b['statements_pct']:.1f}%",
+             f"{b['branches_covered']}/{b['branches']}", f"{b['branches_pct']:.1f}%", str(b["partial_branches"])]
+            for m, b in cov.get("branches", {}).items()]
+    out.append(("Coverage of refcache/ by the clean exploration",
+                ["module", "statements", "statements %", "branches", "branches %", "partial branches"],
+                rows))
+    out.append(("How coverage was measured", ["method", "line-by-line report"],
+                [[cov.get("measured", ""), cov.get("report", "")]]))
+    rules = cov.get("rules", {})
+    if rules:
+        machines = list(rules)
+        names = sorted({r for counts in rules.values() for r in counts})
+        out.append(("Rules run per machine (clean exploration)", ["rule", *machines],
+                    [[r, *[str(rules[m].get(r, 0)) for m in machines]] for r in names]))
+    return out
+
+
 def write_index(out: Path, summary: dict) -> None:
     tables = _tables(summary)
     e = html.escape
@@ -69,6 +100,7 @@ def write_index(out: Path, summary: dict) -> None:
     md = ["# refcache verify", "", f"budget {summary['budget_s']} s, seed {summary['seed']}, device {summary['device']}"]
     for t, head, rows in tables:
         md += ["", f"## {t}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(c.replace(".html", ".md") if c.endswith(".html") else c for c in r) + " |"
+        md += ["| " + " | ".join(c.replace(".html", ".md") if c.endswith(".html") and not c.startswith("coverage/")
+                                 else c for c in r) + " |"  # coverage.py's pages are HTML only
                for r in rows]
     (out / "summary.md").write_text("\n".join(md) + "\n")

@@ -8,18 +8,28 @@ Phases, in order, each with a share of the budget (unused time passes on to the 
 4. clean exploration — every machine on the clean cache, in turns, for what is left.
 Exit status 0 when the clean cache shows no violation (machines and proofs) and every chosen
 seeded bug was detected.
+
+The clean exploration also gathers coverage evidence (summary["coverage"]): the named rare events
+of stateful_tests/events.py its steps reached (the verdict names those never reached), the rules
+each machine ran, and branch coverage of refcache/ measured with coverage.py in a share of every
+slice (measuring slows the machines about twofold, so not all of it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import refcache
+from stateful_tests import events
 from stateful_tests.machines import MACHINES, CacheMachine
 from stateful_tests.seeded_bugs import SEEDED_BUGS
 
@@ -29,6 +39,8 @@ from .report import build_report
 
 SLICE_S = 8.0  # one machine's turn when several share a phase
 SHRINK_S = 20.0  # Hypothesis shrinking cap per failure
+COVERAGE_SHARE = 0.25  # of every clean slice, run under coverage.py (0: no branch coverage)
+REFCACHE_DIR = Path(refcache.__file__).resolve().parent
 
 
 @dataclass
@@ -135,21 +147,140 @@ def run_conformance(name: str, budget: float, seed: int, progress: Progress, out
     return {k: v for k, v in res.items() if k != "failure_report"}
 
 
-def explore_clean(budget: float, seed: int, progress: Progress, out: Path) -> tuple[dict, list[dict]]:
-    """Every machine on the clean cache, in turns; any failure is a violation with a report."""
+# Run in a fresh interpreter: import every refcache module under coverage. Module-level lines ran
+# when this process imported refcache, before any measurement could start; this counts them.
+_IMPORT_UNDER_COVERAGE = """
+import importlib, pkgutil, sys
+import coverage
+cov = coverage.Coverage(branch=True, source=[sys.argv[1]], data_file=sys.argv[2])
+cov.start()
+import refcache
+for m in pkgutil.iter_modules(refcache.__path__):
+    importlib.import_module("refcache." + m.name)
+cov.stop()
+cov.save()
+"""
+
+
+class BranchCoverage:
+    """coverage.py with branch measurement over refcache/, on for the first `share` of each clean
+    slice; the steps/s of measured and unmeasured time give its overhead."""
+
+    def __init__(self, share: float):
+        import coverage
+
+        self.version = coverage.__version__
+        self.share = share
+        self.cov = coverage.Coverage(branch=True, source=[str(REFCACHE_DIR)], data_file=None)
+        self.runs = {True: [0, 0.0], False: [0, 0.0]}  # measured? -> [steps, seconds]
+        self._tmp = tempfile.TemporaryDirectory(prefix="refcache-cov-")
+        self._import_data = Path(self._tmp.name) / "import.coverage"
+        self._import = subprocess.Popen(  # runs beside the exploration; read at the end
+            [sys.executable, "-c", _IMPORT_UNDER_COVERAGE, str(REFCACHE_DIR), str(self._import_data)],
+            cwd=REFCACHE_DIR.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    @contextlib.contextmanager
+    def measuring(self) -> Iterator[None]:
+        self.cov.start()
+        try:
+            yield
+        finally:
+            self.cov.stop()
+
+    def add(self, measured: bool, steps: int, seconds: float) -> None:
+        self.runs[measured][0] += steps
+        self.runs[measured][1] += seconds
+
+    def report(self, out: Path) -> dict:
+        """Per-module figures (and coverage/index.html, coverage.json in `out`), with how they were measured."""
+        from coverage import CoverageData
+
+        notes = []
+        try:
+            _, err = self._import.communicate(timeout=120)
+            if self._import.returncode == 0:
+                imported = CoverageData(basename=str(self._import_data))
+                imported.read()
+                self.cov.get_data().update(imported)
+                notes.append("module-level lines from a separate import of refcache under coverage")
+            else:
+                notes.append(f"module-level lines NOT counted (the import under coverage failed: {err.strip()[-200:]})")
+        except subprocess.TimeoutExpired:
+            self._import.kill()
+            notes.append("module-level lines NOT counted (the import under coverage timed out)")
+        finally:
+            self._tmp.cleanup()
+        self.cov.json_report(outfile=str(out / "coverage.json"))
+        self.cov.html_report(directory=str(out / "coverage"), title="refcache: branch coverage of the clean exploration")
+        files = json.loads((out / "coverage.json").read_text())
+        branches = {}
+        for path, f in sorted(files["files"].items()):
+            branches[f"refcache/{Path(path).name}"] = _figures(f["summary"])
+        branches["total"] = _figures(files["totals"])
+        (sm, tm), (su, tu) = self.runs[True], self.runs[False]
+        measured = (f"coverage.py {self.version} (branch), in the first {self.share:.0%} of each clean-exploration "
+                    f"slice's time budget: {tm:.0f} s of {tm + tu:.0f} s, {sm} of {sm + su} steps")
+        if sm and su and tm and tu:
+            slow = (su / tu) / (sm / tm)
+            measured += (f"; measuring, the machines ran {sm / tm:.0f} steps/s against {su / tu:.0f} unmeasured "
+                         f"({slow:.1f}x slower), which cost the exploration about "
+                         f"{tm / (tm + tu) * (1 - 1 / slow):.0%} of its steps")
+        notes.append("seeded-bug hunts are not measured (they run patched caches)")
+        return {"branches": branches, "measured": "; ".join([measured, *notes]), "report": "coverage/index.html"}
+
+
+def _figures(summary: dict) -> dict:
+    st, sc = summary["num_statements"], summary["covered_lines"]
+    br, bc = summary["num_branches"], summary["covered_branches"]
+    return {"statements": st, "statements_covered": sc, "statements_pct": round(100 * sc / st, 1) if st else 100.0,
+            "branches": br, "branches_covered": bc, "branches_pct": round(100 * bc / br, 1) if br else 100.0,
+            "partial_branches": summary["num_partial_branches"]}
+
+
+def _branch_coverage(share: float) -> tuple[BranchCoverage | None, str]:
+    """A meter, or None and why not."""
+    if share <= 0:
+        return None, "branch coverage not measured (turned off)"
+    try:
+        import coverage
+    except ImportError:
+        return None, "branch coverage not measured: coverage is not installed (pip install -e '.[test]')"
+    if coverage.Coverage.current() is not None or sys.gettrace() is not None:
+        return None, "branch coverage not measured: this process is already traced (coverage, a debugger)"
+    return BranchCoverage(share), ""
+
+
+def explore_clean(budget: float, seed: int, progress: Progress, out: Path,
+                  coverage_share: float = COVERAGE_SHARE) -> tuple[dict, list[dict]]:
+    """Every machine on the clean cache, in turns; any failure is a violation with a report.
+    The first dict also carries the coverage evidence (events, rules, branches) under "coverage"."""
     deadline = time.monotonic() + budget
     per: dict[str, dict] = {m: {"steps": 0, "seconds": 0.0, "violations": 0} for m in MACHINES}
     failures: list[dict] = []
+    events.reset()
+    meter, why_not = _branch_coverage(coverage_share)
     turn = 0
     while time.monotonic() < deadline - 1:
         name = list(MACHINES)[turn % len(MACHINES)]
         total = sum(p["steps"] for p in per.values())
         progress(f"clean: {total} steps, {len(failures)} violations; exploring {name}")
-        h = hunt(name, seed * 1000 + turn, min(SLICE_S, deadline - time.monotonic()), SHRINK_S)
-        per[name]["steps"] += h.steps_run
-        per[name]["seconds"] += h.seconds
+        slice_s = min(SLICE_S, deadline - time.monotonic())
+        if meter is None:
+            runs = [hunt(name, seed * 1000 + turn, slice_s, SHRINK_S)]
+        else:  # the first share of the slice under coverage, the rest without (two runs, two seeds)
+            with meter.measuring():  # small Hypothesis runs: a whole run of 25 examples overshoots a short share
+                runs = [hunt(name, seed * 1000 + turn, slice_s * meter.share, SHRINK_S, max_examples=5)]
+            meter.add(True, runs[0].steps_run, runs[0].seconds)
+            rest = min(slice_s * (1 - meter.share), deadline - time.monotonic())
+            if not runs[0].found and rest > 0.5:
+                runs.append(hunt(name, seed * 1000 + turn + 500_000, rest, SHRINK_S))
+                meter.add(False, runs[1].steps_run, runs[1].seconds)
         turn += 1
-        if h.found:
+        for h in runs:
+            per[name]["steps"] += h.steps_run
+            per[name]["seconds"] += h.seconds
+            if not h.found:
+                continue
             per[name]["violations"] += 1
             rep = build_report(h, None, f"Violation on the clean cache: {name}")
             entry = {"machine": name, "seed": h.seed, "invariant": h.invariant, "message": h.error.splitlines()[0]}
@@ -160,12 +291,26 @@ def explore_clean(budget: float, seed: int, progress: Progress, out: Path) -> tu
             failures.append(entry)
     total = sum(p["steps"] for p in per.values())
     progress(f"clean: {total} model-checked steps over {len(MACHINES)} machines, {len(failures)} violations", done=True)
-    return {"steps": total, "violations": len(failures), "machines": per}, failures
+    evidence = {"events": events.reached(), "never_reached": events.never_reached(), "descriptions": dict(events.EVENTS),
+                "rules": events.rules(), "detector_errors": dict(events.ERRORS)}
+    evidence.update(branches={}, measured=why_not)
+    if meter is not None:
+        progress("clean: writing branch coverage")
+        try:
+            evidence.update(meter.report(out))
+        except Exception as e:  # noqa: BLE001 - the verdict stands without the figures; say why they are missing
+            evidence.update(measured=f"branch coverage not reported: {type(e).__name__}: {e}")
+    reached = sum(1 for n in evidence["events"].values() if n)
+    progress(f"clean: {reached}/{len(events.EVENTS)} rare events reached"
+             + (f", refcache/ branches {evidence['branches']['total']['branches_pct']}% covered"
+                if evidence["branches"] else ""),
+             done=True)
+    return {"steps": total, "violations": len(failures), "machines": per, "coverage": evidence}, failures
 
 
 def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "cpu", nodes: int = 5,
            proofs: bool = True, crosshair: bool = True, targets: list[str] | None = None,
-           log: Callable[[str], None] = print) -> int:
+           log: Callable[[str], None] = print, coverage_share: float = COVERAGE_SHARE) -> int:
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(deadline=time.monotonic() + budget)
     t_start = time.monotonic()
@@ -186,9 +331,11 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
     summary["bugs"] = rows
     summary["conformance"] = [run_conformance(t, 0.5 * (budget - (time.monotonic() - t_start)) / (len(targets) - i),
                                               seed, progress, out) for i, t in enumerate(targets or [])]
-    clean, failures = explore_clean(max(10.0, budget - (time.monotonic() - t_start)), seed, progress, out)
+    clean, failures = explore_clean(max(10.0, budget - (time.monotonic() - t_start)), seed, progress, out,
+                                    coverage_share)
     summary["clean"] = {"steps": clean["steps"], "violations": clean["violations"]}
     summary["machines"] = clean["machines"]
+    summary["coverage"] = clean["coverage"]
     summary["clean_failures"] = failures
     summary["checked_steps_total"] = CacheMachine.checked_steps
     bad_proofs = [p for p in summary["proofs"] if p["status"] == "counterexample"]
@@ -199,6 +346,7 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
         "bugs_detected": f"{len(detected)}/{len(rows)}",
         "median_detection_s": statistics.median([r["seconds"] for r in detected]) if detected else None,
         "elapsed_s": round(time.monotonic() - t_start, 1),
+        "events_never_reached": summary["coverage"]["never_reached"],
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     try:  # the invariant docs for reviewers, with this run's proof and step figures
@@ -214,5 +362,7 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
     ok = summary["verdict"]["clean_ok"] and len(detected) == len(rows)
     log(f"[verify] clean: {clean['steps']} steps, {clean['violations']} violations; proofs: "
         f"{sum(p['status'] == 'proved' for p in summary['proofs'])}/{len(summary['proofs'])} proved; "
-        f"bugs detected: {len(detected)}/{len(rows)}; reports in {out}/index.html -> {'PASS' if ok else 'FAIL'}")
+        f"bugs detected: {len(detected)}/{len(rows)}; rare events never reached: "
+        f"{', '.join(summary['coverage']['never_reached']) or 'none'}; reports in {out}/index.html -> "
+        f"{'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -46,7 +46,11 @@ EVENTS: dict[str, str] = {
     "storage_hole": "storage held a later page of the prefix but not an earlier one: the prefetch stopped at the hole",
     "torn_record": "a storage record read back damaged or short (checksum mismatch): dropped and treated as a miss",
     "storage_evicted": "L3 was full and dropped its least recently used page to store a new one",
-    "tp_disagreement": "TP ranks disagreed: a rank whose pool transfer was in flight was pulled into termination",
+    "storage_io_error": "an L3 read or write raised an I/O error (a failed part, or a page missing from L3)",
+    "tp_disagreement": "TP ranks disagreed: a collective's agreed value differed from this rank's own view",
+    "tp_hit_capped": "a peer rank held fewer pages: the prefetch fetched the agreed (smaller) hit length",
+    "tp_terminated_with_pool_in_flight": "a peer rank pulled this one into terminating a prefetch while its pool "
+                                         "transfer was in flight: it gave up its part and drained",
     # L1 <-> L2
     "load_while_backup_in_flight": "a load-back started while a backup op was in flight on the same root path",
     "insert_skipped_load_in_flight": "insert took nothing because a load-back was bringing a node of its path",
@@ -98,8 +102,10 @@ def never_reached() -> list[str]:
 
 
 def rules() -> dict[str, dict[str, int]]:
-    """Rule counts per machine, rules sorted by name."""
-    return {m: dict(sorted(c.items())) for m, c in sorted(RULES.items())}
+    """Rule counts per machine (machines in MACHINES order, rules by name)."""
+    order = list(machines.MACHINES)
+    return {m: dict(sorted(c.items()))
+            for m, c in sorted(RULES.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))}
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -108,16 +114,32 @@ _PROGRESS = re.compile(r"^progress (\S+) -> (True|False)$")
 _EVICT = re.compile(r"^evict (\d+) -> (\d+)$")
 
 
+# storage statistics (refcache.storage.StorageBackend.stats) whose growth during a step is an event
+_STORAGE_STATS = {"corrupt": "torn_record", "miss": "prefetch_read_miss", "evicted": "storage_evicted",
+                  "io_error": "storage_io_error"}
+
+
 @dataclass(eq=False)
 class _Seen:
     """What the observer remembers about one machine between its steps."""
 
     deferred: set[int] = field(default_factory=set)  # write-back backups that demote on acknowledgement
     rids: dict[str, int] = field(default_factory=dict)  # prefetch request id -> op id
-    storage_stats: dict[int, Counter] = field(default_factory=dict)  # id(storage) -> its stats last step
+    storage_stats: dict[int, tuple[int, ...]] = field(default_factory=dict)  # id(storage) -> _STORAGE_STATS last step
+    tp_disagreements: int = 0  # the rank group's count of disagreeing collectives, last step
 
 
-_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_SEEN: dict[int, tuple[weakref.ref, _Seen]] = {}  # id(machine) -> (the machine, what was seen); the ref tells reuse
+
+
+def _seen(machine) -> _Seen:
+    entry = _SEEN.get(id(machine))
+    if entry is None or entry[0]() is not machine:
+        if len(_SEEN) > 64:  # machines come and go: forget the dead ones
+            for k in [k for k, (r, _) in _SEEN.items() if r() is None]:
+                del _SEEN[k]
+        entry = _SEEN[id(machine)] = (weakref.ref(machine), _Seen())
+    return entry[1]
 
 
 def _prefix(snap: Snapshot, node_id: int) -> tuple[int, ...]:
@@ -178,9 +200,7 @@ def _parts(op: OpSnap, kv: bool | None = None) -> list[str]:
 # ------------------------------------------------------------------------------ detection
 def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
     """The events one checked step went through (the step `what` took `before` to `after`)."""
-    seen = _SEEN.get(machine)
-    if seen is None:
-        seen = _SEEN[machine] = _Seen()
+    seen = _seen(machine)
     cache = machine.cache
     ev: set[str] = set()
     word = what.split()[0] if what else ""
@@ -193,15 +213,17 @@ def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
     for st in (cache.storage, cache.state_storage):
         if st is None:
             continue
-        last = seen.storage_stats.get(id(st), Counter())
-        now = Counter(st.stats)
-        if now["corrupt"] > last["corrupt"]:
-            ev.add("torn_record")
-        if now["miss"] > last["miss"]:
-            ev.add("prefetch_read_miss")
-        if now["evicted"] > last["evicted"]:
-            ev.add("storage_evicted")
+        now = tuple(st.stats[k] for k in _STORAGE_STATS)
+        last = seen.storage_stats.get(id(st), (0,) * len(_STORAGE_STATS))
+        ev.update(name for name, a, b in zip(_STORAGE_STATS.values(), last, now, strict=True) if b > a)
         seen.storage_stats[id(st)] = now
+
+    # --- TP: a collective whose agreed value differed from this rank's own (stateful_tests.peer_ranks counts them)
+    tp = getattr(cache.ranks, "disagreements", None)
+    tp_disagreed = tp is not None and tp > seen.tp_disagreements
+    if tp_disagreed:
+        ev.add("tp_disagreement")
+    seen.tp_disagreements = tp or 0
 
     # --- operations that raised
     if what.endswith("-> PoolExhausted"):
@@ -236,16 +258,21 @@ def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
         ps = after.page_size
         hashes = page_hashes(ROOT_HASH, list(anchor) + list(tokens), ps)[len(anchor) // ps:]
         stored = cache.storage.exists(hashes) if cache.storage is not None else 0
+        agreed = stored  # pages every TP rank can supply: a simulated peer says how many it holds
+        cap = getattr(getattr(cache.ranks, "view", None), "hit_cap", None)
+        if cap is not None and tp_disagreed:
+            agreed = min(stored, cap // ps)
+            ev.add("tp_hit_capped")
         started = [o for o in new_ops if o.kind == "prefetch"]
         got = started[0].kv_parts if started else 0
         if started:
             seen.rids[rid] = started[0].id
         threshold = max(cache.config.prefetch_threshold, 1)
-        if 0 < got < stored:
+        if 0 < got < agreed:
             ev.add("prefetch_truncated")
-        elif not got and 0 < stored * ps < threshold:
+        elif not got and 0 < agreed * ps < threshold:
             ev.add("prefetch_below_threshold")
-        elif not got and stored * ps >= threshold:
+        elif not got and agreed * ps >= threshold:
             ev.add("host_pool_exhausted")  # not even `threshold` tokens of L2 could be made
         if stored < len(hashes) and any(h in cache.storage for h in hashes[stored + 1:]):
             ev.add("storage_hole")
@@ -257,9 +284,10 @@ def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
     # --- prefetch termination
     if word == "progress" and (m := _PROGRESS.match(what)):
         rid, done = m.group(1), m.group(2) == "True"
-        op = b_ops.get(seen.rids.get(rid, -1))
-        if op is None and rid in machine.prefetching:
-            op = b_ops.get(machine.prefetching[rid][0].id)
+        op_id = seen.rids.get(rid)
+        if op_id is None and rid in getattr(machine, "prefetching", {}):
+            op_id = machine.prefetching[rid][0].id
+        op = a_ops.get(op_id) or b_ops.get(op_id)  # progress changes no part's status: after, while it is there
         if op is not None:
             kv, pool = _parts(op, kv=True), _parts(op, kv=False)
             pending = "pending" in kv or "pending" in pool
@@ -269,8 +297,8 @@ def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
                 seen.rids.pop(rid, None)
                 policy = cache.config.prefetch_policy.value
                 if "pending" in pool:
-                    ev.add("tp_disagreement")  # a single rank never terminates with a pool transfer in flight
-                elif pending and policy == "timeout":
+                    ev.add("tp_terminated_with_pool_in_flight")  # this rank alone never would (X2)
+                elif pending and policy == "timeout" and not tp_disagreed:  # (not a peer's timeout)
                     ev.add("prefetch_timeout")
                 elif pending and policy == "best_effort":
                     ev.add("prefetch_best_effort_partial")
@@ -312,24 +340,20 @@ def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
         ev.add("cascade_through_tombstones")
         if any(_has_kv(n) for n in cascaded):
             ev.add("cascade_deleted_kv_tombstone")
-    covered = {n: o for o in before.ops if o.kind in ("backup", "load") for n in _op_nodes(o)}
-    anchored = {n for o in before.ops if o.kind in ("store", "prefetch") for n in (o.anchor, o.host_refed)
-                if n is not None}
+    for u in after.nodes.keys() - before.nodes.keys():  # a new node above an old one is the upper half of a split
+        split = {c for _, c in after.nodes[u].children if c in before.nodes and before.nodes[c].parent != u}
+        if split & {n for o in before.ops if o.kind in ("backup", "load") for n in _op_nodes(o)}:
+            ev.add("split_under_inflight_op")
+        if split & {n for o in before.ops if o.kind in ("store", "prefetch") for n in (o.anchor, o.host_refed)}:
+            ev.add("split_under_l3_op")
     side = before.sidecar
-    for nid, a in after.nodes.items():
-        b = before.nodes.get(nid)
-        if b is None:
-            continue
-        if a.parent != b.parent and a.parent not in before.nodes:  # a new upper half: `nid` was split
-            if nid in covered:
-                ev.add("split_under_inflight_op")
-            if nid in anchored:
-                ev.add("split_under_l3_op")
-        if side == "mamba" and (b.mamba is not None or b.mamba_host is not None) \
-                and a.mamba is None and a.mamba_host is None and _has_kv(a):
-            ev.add("mamba_tombstone_created")
-        if side == "swa" and (b.swa or b.swa_host) and not (a.swa or a.swa_host) and _has_kv(a):
-            ev.add("swa_tombstone_created")
+    if side is not None:
+        tomb = "mamba_tombstone_created" if side == "mamba" else "swa_tombstone_created"
+        for nid, b in before.nodes.items():
+            a = after.nodes.get(nid)
+            if a is not None and not _tombstone(before, b) and _tombstone(after, a) and _has_kv(a):
+                ev.add(tomb)
+                break
 
     # --- per-operation outcomes
     if word == "insert":
@@ -356,6 +380,7 @@ def detect(machine, what: str, before: Snapshot, after: Snapshot) -> set[str]:
 # ------------------------------------------------------------------------------ rule counts
 _CODES: dict[type, dict[CodeType, str]] = {}
 _MACHINE_NAMES: dict[type, str] = {}
+_RULE_DEPTH = 10  # frames above the hook searched for rules: _step, a helper, a rule and a rule calling it (at 7)
 _last_rule_frame: object = None  # the frame of the rule invocation counted last (held, so its id cannot be reused)
 
 
@@ -381,14 +406,19 @@ def _count_rule(machine) -> None:
     global _last_rule_frame
     codes = _rule_codes(type(machine))
     f, outer = sys._getframe(1), None
-    while f is not None:
+    for _ in range(_RULE_DEPTH):  # not the whole stack: frames are materialized as they are walked
+        if f is None:
+            break
         if f.f_code in codes:
             outer = f
         f = f.f_back
     if outer is None or outer is _last_rule_frame:
         return
     _last_rule_frame = outer
-    RULES.setdefault(_machine_name(type(machine)), Counter())[codes[outer.f_code]] += 1
+    name = _machine_name(type(machine))
+    if name not in RULES:
+        RULES[name] = Counter()
+    RULES[name][codes[outer.f_code]] += 1
 
 
 # ------------------------------------------------------------------------------ the hook
