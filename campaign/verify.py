@@ -264,16 +264,19 @@ def explore_clean(budget: float, seed: int, progress: Progress, out: Path,
         name = list(MACHINES)[turn % len(MACHINES)]
         total = sum(p["steps"] for p in per.values())
         progress(f"clean: {total} steps, {len(failures)} violations; exploring {name}")
-        slice_s = min(SLICE_S, deadline - time.monotonic())
+        # every machine gets a turn in each round, however short the budget: a bug that only one
+        # component mix or write policy reaches is otherwise never looked for
+        left_in_round = len(MACHINES) - turn % len(MACHINES)
+        slice_s = min(SLICE_S, (deadline - time.monotonic()) / left_in_round)
         if meter is None:
-            runs = [hunt(name, seed * 1000 + turn, slice_s, SHRINK_S)]
+            runs = [hunt(name, seed * 1000 + turn, slice_s, SHRINK_S, max_examples=5)]
         else:  # the first share of the slice under coverage, the rest without (two runs, two seeds)
             with meter.measuring():  # small Hypothesis runs: a whole run of 25 examples overshoots a short share
                 runs = [hunt(name, seed * 1000 + turn, slice_s * meter.share, SHRINK_S, max_examples=5)]
             meter.add(True, runs[0].steps_run, runs[0].seconds)
             rest = min(slice_s * (1 - meter.share), deadline - time.monotonic())
             if not runs[0].found and rest > 0.5:
-                runs.append(hunt(name, seed * 1000 + turn + 500_000, rest, SHRINK_S))
+                runs.append(hunt(name, seed * 1000 + turn + 500_000, rest, SHRINK_S, max_examples=5))
                 meter.add(False, runs[1].steps_run, runs[1].seconds)
         turn += 1
         for h in runs:

@@ -97,7 +97,8 @@ class CacheMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=24, backup_after_hits=2,
-                          prefetch_threshold=PS, prefetch_timeout_steps=3, device=device(), **self.CONFIG)
+                          prefetch_threshold=PS if self.STORAGE == "memory" else 2 * PS, prefetch_timeout_steps=3,
+                          device=device(), **self.CONFIG)
         page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
         self.l3_dir = tempfile.mkdtemp(prefix="refcache-l3-") if self.STORAGE == "file" else None
         self.storage = self._open_storage("kv", page, cfg.dtype)
@@ -704,7 +705,8 @@ def _machine(comp: str, policy: str, prefetch: str, storage: str) -> type[CacheM
 
 # A Latin square: machine (component i, write policy j) prefetches under policy (i + j) % 3, so each
 # pair of component, write policy and prefetch policy is exercised by some machine; three machines,
-# one per component and per write policy, keep L3 in files with little room (the others in memory).
+# one per component and per write policy, keep L3 in files with little room (the others in memory)
+# and skip prefetches shorter than two pages.
 MACHINES: dict[str, type[CacheMachine]] = {
     f"{c}/{p}": _machine(c, p, PREFETCH_POLICIES[(i + j) % 3], "file" if (i + 2 * j) % 3 == 1 else "memory")
     for i, c in enumerate(COMPONENTS) for j, p in enumerate(POLICIES)}
