@@ -356,17 +356,31 @@ class CacheMachine(RuleBasedStateMachine):
     def evict_sidecar(self):
         c = self.cache
         side = c.config.sidecar
-        n = c.evict_mamba(1) if side == "mamba" else c.evict_swa(2 * PS)
+        amount = 1 if side == "mamba" else 2 * PS
+        unit = 1 if side == "mamba" else PS  # a mamba state is one slot; SWA is counted in tokens
+        before_snap = self.snap
+        n = c.evict_mamba(amount) if side == "mamba" else c.evict_swa(amount)
 
         def check(b, a):
-            """Sidecar eviction is LRU over unlocked holders no operation works on (ties either way)."""
-            if side == "swa" and any(op.kind == "load" for op in b.ops.values()):
-                return []  # a load reserves SWA pages the abstract operation does not list
+            """Sidecar eviction: LRU over unlocked holders no operation works on (ties either way),
+            returning what it freed, freeing what was asked while a holder is left, and no more."""
             gone = Page(False, False)
+            lost = [p for p, g in b.pages.items() if getattr(g, side) and not getattr(a.pages.get(p, gone), side)]
+            v = [] if n == unit * len(lost) else [f"evict_{side}({amount}) returned {n}, but {unit * len(lost)} were freed"]
+            if side == "swa" and any(op.kind == "load" for op in b.ops.values()):
+                return v  # a load reserves SWA pages the abstract operation does not list
             cands = [p for p, g in b.pages.items() if getattr(g, side) and g.lock == 0 and p not in b.busy()]
-            chosen = [p for p in cands if not getattr(a.pages.get(p, gone), side)]
+            wb = c.config.write_policy.value == "write_back"
+            deferred = [p for p in cands if wb and b.dev_evictable(p) and not b.pages[p].host]
+            if not deferred and unit * len(lost) < min(amount, unit * len(cands)):
+                v.append(f"evict_{side}({amount}) freed {unit * len(lost)} while {len(cands)} holders were evictable")
+            sizes = [len(nd.key) if side == "swa" else 1 for nd in before_snap.nodes.values()
+                     if nd.parent is not None and (nd.swa if side == "swa" else nd.mamba is not None)]
+            if sizes and n - max(sizes) >= amount:
+                v.append(f"evict_{side}({amount}) freed {n}: more than the last holder it needed")
+            chosen = [p for p in cands if p in lost]
             stayed = [p for p in cands if getattr(a.pages.get(p, gone), side)]
-            return self.rec.lru_errors(chosen, stayed, f"dropped the {side} data of")
+            return v + self.rec.lru_errors(chosen, stayed, f"dropped the {side} data of")
 
         self._step(f"evict_{side} -> {n}", Allowed(evict_dev=True, evict_host=True), check)
 
