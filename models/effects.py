@@ -72,9 +72,17 @@ def backup_errors(before: Model, after: Model, due: list[Prefix], free_host: int
             f"with {host_room(before, free_host)} L2 tokens available" for p in missing[:3]]
 
 
-def due_selective(m: Model, rec: Recency, pages: list[Prefix], threshold: int) -> list[Prefix]:
-    """Pages of `pages` whose hits certainly reached the selective write-through threshold."""
-    return [p for p in pages if rec.certainly_hit(p, threshold)]
+def spurious_backups(before: Model, after: Model, may: set) -> list[str]:
+    """Backups this step started may only cover pages the write policy made due (`may`)."""
+    new = [op for i, op in after.ops.items() if op.kind == "backup" and i not in before.ops]
+    return [f"backup op {op.id} of {sorted(op.pages)[-1]} started, but the write policy does not make it due"
+            for op in new if not op.pages <= may][:3]
+
+
+def due_selective(m: Model, rec: Recency, pages: list[Prefix], threshold: int, certain: bool = True) -> list[Prefix]:
+    """Pages of `pages` whose hits certainly (or, with certain=False, possibly) reached the
+    selective write-through threshold."""
+    return [p for p in pages if (rec.certainly_hit(p, threshold) if certain else rec.possibly_hit(p, threshold))]
 
 
 def load_needed(m: Model, end: Prefix) -> bool:

@@ -63,6 +63,9 @@ class Recency:
     def certainly_hit(self, p: Prefix, n: int) -> bool:
         return self.hits.get(p, (0, 0))[0] >= n
 
+    def possibly_hit(self, p: Prefix, n: int) -> bool:
+        return self.hits.get(p, (0, 0))[1] >= n
+
     def lru_errors(self, chosen: Iterable[Prefix], stayed: Iterable[Prefix], what: str) -> list[str]:
         """Each chosen page must be no more recent than any candidate that stayed (ties either way)."""
         stayed = list(stayed)

@@ -251,6 +251,9 @@ class CacheMachine(RuleBasedStateMachine):
         else:
             self.rec.use(pages[len(on_dev):])
         policy = c.config.write_policy.value
+        may = set() if busy else set(pages if policy == "write_through" else
+                                     effects.due_selective(m, self.rec, pages, c.config.backup_after_hits, False)
+                                     if policy == "write_through_selective" else [])
         due = [] if busy else (pages if policy == "write_through" else
                                effects.due_selective(m, self.rec, pages, c.config.backup_after_hits)
                                if policy == "write_through_selective" else [])
@@ -263,7 +266,7 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append(f"mamba_slot_used {res.mamba_slot_used}, model says {want_slot}")
             if not busy and not all(p in a.pages and a.pages[p].dev for p in pages):
                 v.append("inserted pages are not all on device")
-            return v + effects.backup_errors(b, a, due, free_host)
+            return v + effects.backup_errors(b, a, due, free_host) + effects.spurious_backups(b, a, may)
 
         side = gain if m.sidecar == "swa" else frozenset([end]) if want_slot else frozenset()
         if policy == "write_back":  # no backup starts: nothing else may change, no lock is taken
@@ -282,6 +285,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.rec.tick()
         self.rec.use(path, hit=True)
         c = self.cache.config
+        selective = c.write_policy.value == "write_through_selective"
+        may = set(effects.due_selective(self.model, self.rec, path, c.backup_after_hits, False)) if selective else set()
         due = (effects.due_selective(self.model, self.rec, path, c.backup_after_hits)
                if c.write_policy.value == "write_through_selective" else [])
 
@@ -291,7 +296,7 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append("last_device_node does not end the device match")
             if not served_ok(self.cache, tokens, m.device_indices):
                 v.append("D1: match served device pages that do not hold the bytes of the prefix")
-            return v + effects.backup_errors(b, a, due, free_host)
+            return v + effects.backup_errors(b, a, due, free_host) + effects.spurious_backups(b, a, may)
 
         # only selective write-through acts on a match (a backup, which may make L2 room and locks
         # its node); otherwise a match changes no data and no lock
