@@ -113,6 +113,9 @@ class CacheMachine(RuleBasedStateMachine):
         self.snap = self.cache.snapshot()
         self.model = abstract(self.snap)
         self.rec = Recency()  # the model's own recency and hit counts (never the cache's stamps)
+        # the spec's time for prefetch timeouts: operations that read the clock (match, insert, progress,
+        # and the insertion a terminated prefetch makes)
+        self.time = 0
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
@@ -236,6 +239,7 @@ class CacheMachine(RuleBasedStateMachine):
                      and not (end in m.pages and m.pages[end].mamba))
         free_host = self._free("host_kv")
         res = c.insert(tokens, idx, slot)
+        self.time += 1
         if res.cached_len:
             c.free_device(idx[: res.cached_len])
         if slot is not None and not res.mamba_slot_used:
@@ -279,6 +283,7 @@ class CacheMachine(RuleBasedStateMachine):
         want = self.model.predict_match(tokens)
         free_host = self._free("host_kv")
         m = self.cache.match_prefix(tokens)
+        self.time += 1
         got = (m.device_len, len(node_prefix(m.last_host_node)), len(node_prefix(m.best_match_node)),
                m.host_hit_length)
         path = self.model.page_prefixes(tuple(tokens)[: want[1]])  # the pages with data it walked
@@ -547,7 +552,7 @@ class CacheMachine(RuleBasedStateMachine):
         op = c.prefetch(rid, m.last_host_node, tokens[len(anchor):])
         got = len(op.prefetch.key) if op is not None else 0
         if op is not None:
-            self.prefetching[rid] = (op, anchor, op.prefetch.key)
+            self.prefetching[rid] = (op, anchor, op.prefetch.key, self.time + c.config.prefetch_timeout_steps)
         self._step(f"prefetch {rid} {tokens[len(anchor):]} after {list(anchor)} -> {got} tokens", self._l2_room(),
                    lambda b, a: [] if got == want else [f"prefetch fetches {got} tokens; storage holds {stored} "
                                                         f"and the model says {want}"])
@@ -556,25 +561,28 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 7))
     def progress(self, i):
         rid = sorted(self.prefetching)[i % len(self.prefetching)]
-        op, anchor, key = self.prefetching[rid]
+        op, anchor, key, deadline = self.prefetching[rid]
         status = self.cache.executor.status(op.id)
         arrived = len(list(itertools.takewhile(lambda p: status.get(p) is PartStatus.DONE, op.kv_parts)))
         pool_pending = any(status.get(p) is PartStatus.PENDING for p in op.parts[len(op.kv_parts):])
         settled = not any(s is PartStatus.PENDING for s in status.values())
         policy = self.cache.config.prefetch_policy.value
         done = self.cache.prefetch_progress(rid)
+        self.time += 1
+        past_deadline = self.time >= deadline
         peer = self.ranks.view
         if peer.terminated:
             want = True  # TP: a rank that stopped waiting pulls every rank along
         elif pool_pending or not peer.ready:
             want = False  # X2: never while a pool transfer is in flight (on any rank)
         else:
-            want = True if policy == "best_effort" or settled else (done if policy == "timeout" else False)
+            want = policy == "best_effort" or settled or (policy == "timeout" and past_deadline)
         # a rank whose pool transfer is still in flight gives up its part: nothing joins its tree
         got = [anchor + tuple(key[: k * PS]) for k in range(1, arrived + 1)] if done and not pool_pending else []
         state_done = len(op.parts) > len(op.kv_parts) and status.get(op.parts[len(op.kv_parts)]) is PartStatus.DONE
         if done:
             del self.prefetching[rid]
+            self.time += 0 if pool_pending else 1  # terminating inserts what arrived: that reads the clock
             self.rec.tick()
             self.rec.use(got)  # the fetched pages join the tree: used now
 
