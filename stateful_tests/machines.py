@@ -29,7 +29,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invar
 
 from models import effects
 from models.abstract import Allowed, Page, abstract, check_evict, check_evict_host, frame, node_prefix, same_data
-from models.contents import pages_kv
+from models.contents import page_kv, pages_kv
 from models.contents import state as spec_state
 from models.recency import Recency
 from properties.drift import check_step
@@ -116,6 +116,8 @@ class CacheMachine(RuleBasedStateMachine):
         # the spec's time for prefetch timeouts: operations that read the clock (match, insert, progress,
         # and the insertion a terminated prefetch makes)
         self.time = 0
+        self.put_faults = False  # a write fault was injected: a stored page may read back as a miss
+        self.stores: dict[int, tuple] = {}  # store op id -> (node prefix, its tokens, with a state)
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
@@ -512,13 +514,44 @@ class CacheMachine(RuleBasedStateMachine):
             op = self.cache.write_backup_storage(node)
         except RefCacheError as e:
             return self._raised("store", e)
-        self._step(f"store {node_prefix(node)} -> {op and op.id}", Allowed())
+        if op is not None:
+            p = node_prefix(node)
+            self.stores[op.id] = (p, len(node.key), node.mamba_host is not None)
+        self._step(f"store {node_prefix(node) if node.parent else ()} -> {op and op.id}", Allowed())
+
+    def _stored_errors(self, prefix, n_tokens: int, with_state: bool) -> list[str]:
+        """A store that completed left the node's pages (and state) in L3 under their keys, with the
+        bytes of their prefixes; a roomy in-memory L3 must still hold them."""
+        c = self.cache.config
+        hashes = page_hashes(ROOT_HASH, list(prefix), PS)
+        v = []
+        saved = [(st_, st_.faults._rules) for st_ in (self.storage, self.state_storage) if st_ is not None]
+        for st_, _ in saved:
+            st_.faults._rules = []  # read back without the faults meant for the cache
+        try:
+            for end in range(len(prefix) - n_tokens + PS, len(prefix) + 1, PS):
+                h = hashes[end // PS - 1]
+                page = self.storage.get(h)
+                if page is None:
+                    if self.l3_dir is None and not self.put_faults:  # (a torn write reads back as a miss)
+                        v.append(f"store of {prefix} completed but L3 lacks the page ending at {end}")
+                elif not torch.equal(page, page_kv(prefix[:end], geometry(self.cache))):
+                    v.append(f"D1: L3 page of {prefix[:end]} does not hold the bytes of this prefix")
+            if with_state and self.state_storage is not None:
+                got = self.state_storage.get(hashes[-1])
+                if got is not None and not torch.equal(got, spec_state(tuple(prefix), c.mamba_state_dim, c.dtype)):
+                    v.append(f"D1: L3 state of {prefix} is not the state of this prefix")
+        finally:
+            for st_, rules in saved:
+                st_.faults._rules = rules
+        return v
 
     @rule(kind=st.sampled_from(["io_error", "torn", "slow"]), op=st.sampled_from(["get", "put"]))
     def storage_fault(self, kind, op):
         """The next L3 read (or write) fails or comes back torn: a failed read may bring nothing,
         never wrong data (D1 checks every page that lands)."""
         self.storage.faults.inject(kind, op)
+        self.put_faults = self.put_faults or op == "put"
         self._step(f"storage_fault {kind} {op}", Allowed())
 
     @rule(tokens=requests, k=st.integers(0, 7))
@@ -652,7 +685,9 @@ class CacheMachine(RuleBasedStateMachine):
         before = self.model
         done = self.cache.poll()
         gain_dev, gain_host, acked = set(), set(), []
+        stored = [self.stores.pop(op.id) for op in done if op.id in self.stores and op.state is OpState.DONE]
         for op in done:
+            self.stores.pop(op.id, None)
             a = before.ops.get(op.id)
             if a is None or op.state is not OpState.DONE or a.kind not in ("load", "backup"):
                 continue
@@ -672,6 +707,8 @@ class CacheMachine(RuleBasedStateMachine):
                     if p in a.pages and not getattr(a.pages[p], tier):  # (a cascade may have deleted it)
                         v.append(f"op {op.id} ({op.kind}) acknowledged but {p} lacks its {tier} data")
             v += effects.ack_errors(a, [op.anchor for op in acked if op.kind == "load" and op.anchor])
+            for s in stored:
+                v += self._stored_errors(*s)
             return v + effects.settled_errors(self.after_snap.ops)
 
         self._step(f"poll -> {[op.id for op in done]}",
