@@ -260,6 +260,8 @@ def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = Tru
     left = [p for p in after.pages if after.dev_evictable(p)]
     if freed < n and left:
         v.append(f"evict({n}) freed {freed} but evictable device leaves remain: {left[:3]}")
+    if n == 0 and lost:
+        v.append(f"evict(0) freed {sorted(lost)[:3]}")
     if lru:
         cands = [p for p in before.pages if before.dev_evictable(p)]
         chosen = [p for p in cands if p in lost]
@@ -277,6 +279,8 @@ def check_evict_host(before: Model, after: Model, n: int, freed: int, rec=None) 
     left = [p for p in after.pages if after.host_leaf(p)]
     if freed < n and left:
         v.append(f"evict_host({n}) freed {freed} but host leaves remain: {left[:3]}")
+    if n == 0 and lost:
+        v.append(f"evict_host(0) freed {sorted(lost)[:3]}")
     cands = [p for p in before.pages if before.host_leaf(p)]
     chosen = [p for p in cands if p in lost]
     stayed = [p for p in cands if p not in lost]

@@ -64,12 +64,12 @@ def backup_errors(before: Model, after: Model, due: list[Prefix], free_host: int
     busy = before.busy()
     due = [p for p in due if p not in busy and p in after.pages and after.pages[p].dev]
     need = [p for p in due if not (before.pages.get(p) and before.pages[p].host)]
-    if not need or ps * len(need) > host_room(before, free_host):
+    if not need or ps * len(need) > free_host:  # (room that host eviction would make is not required)
         return []
     backing = {q for op in after.ops.values() if op.kind == "backup" for q in op.pages}
     missing = [p for p in need if not after.pages[p].host and p not in backing]
     return [f"{p}: due for backup by the write policy but neither on L2 nor being backed up, "
-            f"with {host_room(before, free_host)} L2 tokens available" for p in missing[:3]]
+            f"with {free_host} L2 tokens free" for p in missing[:3]]
 
 
 def spurious_backups(before: Model, after: Model, may: set) -> list[str]:

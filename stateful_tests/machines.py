@@ -116,7 +116,7 @@ class CacheMachine(RuleBasedStateMachine):
         # the spec's time for prefetch timeouts: operations that read the clock (match, insert, progress,
         # and the insertion a terminated prefetch makes)
         self.time = 0
-        self.put_faults = False  # a write fault was injected: a stored page may read back as a miss
+        self.put_faults = False  # a write fault or a hole: a stored page may read back as a miss
         self.stores: dict[int, tuple] = {}  # store op id -> (node prefix, its tokens, with a state)
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
@@ -342,7 +342,7 @@ class CacheMachine(RuleBasedStateMachine):
         self._step(f"unlock {p}", Allowed(lock_delta={q: -1 for q in self.model.page_prefixes(p)}))
 
     @precondition(lambda self: any(g.dev for g in self.model.pages.values()))
-    @rule(n=st.sampled_from([PS, 4 * PS, 10**6]))
+    @rule(n=st.sampled_from([0, PS, 4 * PS, 10**6]))
     def evict(self, n):
         freed = self.cache.evict(n)
         wb = self.cache.config.write_policy.value == "write_back"  # only a write-back backup takes a lock
@@ -350,7 +350,7 @@ class CacheMachine(RuleBasedStateMachine):
                    lambda b, a: check_evict(b, a, n, freed, rec=self.rec))
 
     @precondition(lambda self: any(g.host for g in self.model.pages.values()))
-    @rule(n=st.sampled_from([PS, 10**6]))
+    @rule(n=st.sampled_from([0, PS, 10**6]))
     def evict_host(self, n):
         freed = self.cache.evict_host(n)
         self._step(f"evict_host {n} -> {freed}", self._l2_room(),
@@ -397,7 +397,9 @@ class CacheMachine(RuleBasedStateMachine):
         self._step(f"evict_{side} -> {n}", Allowed(evict_dev=True, evict_host=True), check)
 
     @rule(kind=st.sampled_from(["unaligned_key", "foreign_slots", "free_cached_slots", "unlock_unlocked",
-                                "detached_node", "float_tokens", "unknown_prefetch"]), tokens=requests)
+                                "detached_node", "float_tokens", "unknown_prefetch", "bool_tokens", "matrix_tokens",
+                                "huge_token", "text_tokens", "negative_evict", "negative_evict_host",
+                                "count_mismatch", "duplicate_slots"]), tokens=requests)
     def misuse(self, kind, tokens):
         """A caller's mistake: the operation must raise the documented error and change nothing."""
         c, ps = self.cache, PS
@@ -414,6 +416,15 @@ class CacheMachine(RuleBasedStateMachine):
             "detached_node": (UnknownNodeError, lambda: c.lock(TreeNode(tuple(tokens[:ps]), c.root))),
             "float_tokens": (InvalidKeyError, lambda: c.match_prefix(torch.tensor(tokens, dtype=torch.float32))),
             "unknown_prefetch": (UnknownOperationError, lambda: c.prefetch_progress("no-such-request")),
+            "bool_tokens": (InvalidKeyError, lambda: c.match_prefix(torch.ones(len(tokens), dtype=torch.bool))),
+            "matrix_tokens": (InvalidKeyError, lambda: c.match_prefix(torch.tensor([tokens, tokens]))),
+            "huge_token": (InvalidKeyError, lambda: c.match_prefix(tokens[:-1] + [2**70])),
+            "text_tokens": (InvalidKeyError, lambda: c.match_prefix(["a"] * len(tokens))),
+            "negative_evict": (ValueError, lambda: c.evict(-PS)),
+            "negative_evict_host": (ValueError, lambda: c.evict_host(-PS)),
+            "count_mismatch": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens) + ps, lambda i: i)),
+            "duplicate_slots": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: torch.cat([i[:ps], i[:-ps]]) if len(i) > ps else _raise())),
         }
         want, call = calls[kind]
         try:
@@ -423,6 +434,19 @@ class CacheMachine(RuleBasedStateMachine):
         except want:
             return self._step(f"misuse {kind} -> {want.__name__}", Allowed(), lambda b, a: same_data(b, a))
         raise Disagreement(f"misuse {kind}: {want.__name__} expected, but the call returned or raised otherwise")
+
+    def _insert_owned(self, tokens, n: int, bend) -> None:
+        """Insert `tokens` with `bend` applied to `n` slots this caller owns (allocated without
+        evicting, given back afterwards whatever happens)."""
+        c = self.cache
+        try:
+            idx = c.alloc_device(n, evict=False)
+        except PoolExhaustedError:
+            raise _NothingToMisuse from None
+        try:
+            c.insert(tokens, bend(idx), torch.tensor([0]) if c.config.has("mamba") else None)
+        finally:
+            c.free_device(idx)
 
     @rule(node=nodes)
     def backup(self, node):
@@ -560,6 +584,7 @@ class CacheMachine(RuleBasedStateMachine):
         prefetch must stop at the hole."""
         hashes = page_hashes(ROOT_HASH, tokens, PS)
         self.storage.delete(hashes[k % len(hashes)])
+        self.put_faults = True  # L3 now loses pages behind the cache's back
         self._step(f"storage_hole {tokens} page {k % len(hashes)}", Allowed())
 
     @rule(cap=st.sampled_from([None, 0, PS, 2 * PS]), ready=st.booleans(), terminated=st.booleans())
