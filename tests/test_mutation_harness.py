@@ -1,0 +1,76 @@
+"""The mutation harness (`benchmarks/mutation*.py`) can fail both ways: a mutant that breaks
+`page_align` is killed by the unit-test check while the unmutated code is not, and an exception at
+import counts as a campaign kill. The cosmic-ray part (enumerating refcache/pages.py) runs only
+where the `mutation` extra is installed; the rest needs nothing beyond the `test` extra.
+
+Checks run as fresh interpreters ("spawn"): this process already holds the real `refcache`, so it
+must not be forked into a check.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.mutation import classify_campaign, classify_tests
+from benchmarks.mutation_run import Child, Sandbox, make_sandbox, run_child
+
+PAGE_ALIGN_TESTS = ["tests/test_pages.py::test_page_align_examples"]
+ALIGNED = "    return n_tokens - n_tokens % page_size\n"
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory) -> Sandbox:
+    return Sandbox(make_sandbox(tmp_path_factory.mktemp("mutation")))
+
+
+def unit_test_check(sb: Sandbox, ids: list[str]) -> dict:
+    child = run_child(Child(sb.path, {"phase": "tests", "ids": ids}, mode="spawn", log=sb.path / ".check.log",
+                            limit_for=lambda test: 120.0))
+    return classify_tests(child)
+
+
+def test_unit_test_check_kills_a_broken_page_align_and_passes_the_original(sandbox):
+    source = (sandbox.path / "refcache/pages.py").read_text()
+    assert ALIGNED in source
+    assert unit_test_check(sandbox, PAGE_ALIGN_TESTS)["status"] == "survived"
+    sandbox.apply("refcache/pages.py", source.replace(ALIGNED, ALIGNED.replace(" - ", " + ")))
+    try:
+        verdict = unit_test_check(sandbox, PAGE_ALIGN_TESTS)
+    finally:
+        sandbox.restore()
+    assert verdict["status"] == "killed-by-tests-only", verdict
+    assert "test_page_align_examples" in verdict["killed_by"]
+    assert (sandbox.path / "refcache/pages.py").read_text() == source
+
+
+def test_an_exception_at_import_is_a_campaign_kill(sandbox):
+    source = (sandbox.path / "refcache/pages.py").read_text()
+    sandbox.apply("refcache/pages.py", source + "\nraise RuntimeError('mutant')\n")
+    try:
+        child = run_child(Child(sandbox.path, {"phase": "campaign", "machines": [], "seed": 1, "budget": 0.5},
+                                mode="spawn", log=sandbox.path / ".check.log"))
+    finally:
+        sandbox.restore()
+    verdict = classify_campaign(child)
+    assert verdict is not None and verdict["status"] == "killed-by-campaign", (verdict, child.messages)
+    assert verdict["killed_by"] == "exception" and "mutant" in verdict["detail"]
+
+
+def test_cosmic_ray_enumerates_pages_and_its_page_align_mutant_is_killed(sandbox):
+    pytest.importorskip("cosmic_ray")
+    from benchmarks.mutation import enumerate_module, mutant_source
+
+    mutants, _ = enumerate_module("pages", cache=False)
+    assert len(mutants) > 50
+    assert len({m.id for m in mutants}) == len(mutants)
+    m = next(m for m in mutants if m.operator.endswith("ReplaceBinaryOperator_Sub_Add") and m.function == "page_align")
+    assert m.before == ALIGNED.strip() and m.after == ALIGNED.strip().replace(" - ", " + ")
+    _, mutated = mutant_source(m, Path(sandbox.path))
+    sandbox.apply(m.path, mutated)
+    try:
+        verdict = unit_test_check(sandbox, PAGE_ALIGN_TESTS)
+    finally:
+        sandbox.restore()
+    assert verdict["status"] == "killed-by-tests-only", verdict
