@@ -52,24 +52,26 @@ def alloc_errors(before: Model, n: int, free: int, raised: bool, write_back: boo
     return v
 
 
-def host_room(before: Model, free_host: int) -> int:
-    """L2 tokens a backup can get: free ones plus every host-only page no one references."""
-    return free_host + before.host_evictable_tokens(())
+def host_room(before: Model, free_host: int, keep: Prefix = ()) -> int:
+    """L2 tokens a backup can get: free ones plus every host-only page no one references, except
+    those on the path of `keep` (an insert takes its host-only pages back onto the device)."""
+    return free_host + before.host_evictable_tokens(keep)
 
 
-def backup_errors(before: Model, after: Model, due: list[Prefix], free_host: int) -> list[str]:
+def backup_errors(before: Model, after: Model, due: list[Prefix], free_host: int, keep: Prefix = ()) -> list[str]:
     """Every page in `due` (on device, due for backup by policy) has an L2 copy or a backup in
     flight after the step, unless L2 could not hold them all."""
     ps = before.page_size
     busy = before.busy()
     due = [p for p in due if p not in busy and p in after.pages and after.pages[p].dev]
     need = [p for p in due if not (before.pages.get(p) and before.pages[p].host)]
-    if not need or ps * len(need) > free_host:  # (room that host eviction would make is not required)
+    room = host_room(before, free_host, keep)
+    if not need or ps * len(need) > room:
         return []
     backing = {q for op in after.ops.values() if op.kind == "backup" for q in op.pages}
     missing = [p for p in need if not after.pages[p].host and p not in backing]
     return [f"{p}: due for backup by the write policy but neither on L2 nor being backed up, "
-            f"with {free_host} L2 tokens free" for p in missing[:3]]
+            f"with {room} L2 tokens free or evictable" for p in missing[:3]]
 
 
 def spurious_backups(before: Model, after: Model, may: set) -> list[str]:

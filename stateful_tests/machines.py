@@ -272,7 +272,7 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append(f"mamba_slot_used {res.mamba_slot_used}, model says {want_slot}")
             if not busy and not all(p in a.pages and a.pages[p].dev for p in pages):
                 v.append("inserted pages are not all on device")
-            return v + effects.backup_errors(b, a, due, free_host) + effects.spurious_backups(b, a, may)
+            return v + effects.backup_errors(b, a, due, free_host, end) + effects.spurious_backups(b, a, may)
 
         side = gain if m.sidecar == "swa" else frozenset([end]) if want_slot else frozenset()
         if policy == "write_back":  # no backup starts: nothing else may change, no lock is taken
