@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from hypothesis import strategies as st
@@ -469,8 +470,22 @@ class CacheMachine(RuleBasedStateMachine):
             op = self.cache.load_back(m.best_match_node)
         except InvalidAnchorError as e:
             raise Disagreement(f"load_back(best_match_node) raised {e}") from e
-        except PoolExhaustedError as e:
-            return self._raised(f"load_back {end}", e)
+        except PoolExhaustedError:
+            free, need = self._free("device_kv"), PS * len(path)
+            wb = self.cache.config.write_policy.value == "write_back"
+
+            def must(b, a):
+                """A full-KV load-back fails only when L1 cannot be made room for its path, its own
+                device ancestors (which it locks first) kept."""
+                if b.sidecar is not None or not path or set(path) & b.busy():
+                    return []
+                kept = {q for q in b.page_prefixes(end) if b.pages[q].dev}
+                locked = replace(b, pages={q: replace(g, lock=g.lock + (q in kept)) for q, g in b.pages.items()})
+                room = free + effects.freeable_device(locked, wb)
+                return [f"load_back of {need} tokens failed with {free} free and {room - free} freeable"] \
+                    if room >= need else []
+
+            return self._step(f"load_back {end} -> PoolExhausted", Allowed(evict_dev=True, evict_host=True), must)
 
         touched = set(path) | ({end} if end else set()) | (set(effects.window(model, end)) if end else set())
         free_to_start = not (touched & model.busy()) and not (
