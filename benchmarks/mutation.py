@@ -36,6 +36,7 @@ import os
 import platform
 import re
 import select
+import signal
 import socket
 import sys
 import tempfile
@@ -443,10 +444,13 @@ class _Slot:
 
 def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: Settings, jobs: int,
                 machines: list[str], workdir: Path, root: Path = REPO, out_partial: Path | None = None,
-                partial: dict[str, Any] | None = None, results: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+                partial: dict[str, Any] | None = None, results: list[dict[str, Any]] | None = None,
+                stop_at: float | None = None) -> list[dict[str, Any]]:
     """Every mutant through the campaign and, if it survives that, its unit tests; `jobs` at a time,
     each in its own sandbox copy of `root`. Results are appended to `results` as they come (so an
-    interrupted run keeps what it did)."""
+    interrupted run keeps what it did). At `stop_at` (time.monotonic()) the checks in flight are
+    dropped and the rest left undone, so a run under an outer time limit ends with its report
+    written (`--resume` picks up the rest)."""
     files = project_files(root)
     slots = [_Slot(Sandbox(make_sandbox(workdir / f"w{i}", root, files))) for i in range(min(jobs, len(mutants)) or 1)]
     pending = collections.deque(mutants)
@@ -488,6 +492,9 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
 
     try:
         while pending or any(s.child for s in slots):
+            if stop_at is not None and time.monotonic() > stop_at:
+                pending.clear()
+                break
             for slot in slots:
                 if slot.child is None and pending:
                     start_campaign(slot, pending.popleft())
@@ -644,6 +651,8 @@ def markdown(data: dict[str, Any], triage: dict[str, dict[str, str]], triage_pat
         f"- machine: {data.get('host')} ({data.get('cpus')} CPUs, {data.get('jobs')} jobs), Python {data.get('python')}; "
         f"wall time {_dur(data.get('wall_s', float('nan')))}; {data.get('started', '')}",
         f"- command: `{data.get('command', '')}`",
+        *([f"- resumed over {len(data['runs'])} runs: " + "; ".join(f"`{r.get('command')}` ({_dur(r.get('wall_s') or 0)})"
+                                                                   for r in data["runs"])] if data.get("runs") else []),
         "",
         "Statuses: killed-by-campaign; killed-by-tests-only (the campaign missed it); timeout (a machine or a test "
         "ran past its limit: counted as killed, shown apart); survived. The non-equivalent score leaves out "
@@ -774,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-timeout-factor", type=float, default=5.0,
                     help="a test's limit: this many times its duration in the coverage run (at least --test-timeout-min)")
     ap.add_argument("--test-timeout-min", type=float, default=15.0)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the results already in --out (same mutant ids and lines) and check only the others")
+    ap.add_argument("--stop-after", type=float, default=None, metavar="S",
+                    help="stop starting checks after S seconds and write the report (for runs under a time limit)")
     ap.add_argument("--remap", action="store_true", help="recompute the coverage map even if it is fresh")
     ap.add_argument("--rev", default=None, help="mutate and test this commit (git archive) instead of the working tree")
     ap.add_argument("--spawn", action="store_true", help="start each check as a new interpreter instead of forking")
@@ -827,6 +840,9 @@ def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: l
         mutants = [m for m in mutants if m.id in wanted]
     chosen = sample(mutants, args.limit)
     triage = load_triage(args.triage)
+    kept, previous = _previous_results(args.out, chosen) if args.resume else ([], {})
+    done = {r["id"] for r in kept}
+    chosen = [m for m in chosen if m.id not in done]
     not_run = []
     if args.skip_equivalent:  # no check can kill them: reported as triaged survivors without running
         not_run = [{**mutant_record(m), "status": "survived", "seconds": 0.0, "not_run": "triaged equivalent"}
@@ -858,21 +874,49 @@ def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: l
         "enumerated": {mod: sum(m.module == mod for m in mutants) for mod in args.modules},
         "skipped": skipped,
     }
-    results: list[dict[str, Any]] = list(not_run)
+    if kept:
+        data["runs"] = previous.get("runs") or [{k: previous.get(k) for k in ("command", "host", "cpus", "jobs", "started",
+                                                                              "wall_s")}]
+        print(f"[mutation] resuming: {len(kept)} results kept from {_rel(args.out)}", file=sys.stderr)
+    results: list[dict[str, Any]] = kept + not_run
+    stop_at = time.monotonic() + args.stop_after if args.stop_after else None
+    old_term = signal.signal(signal.SIGTERM, _interrupt)  # `timeout` sends SIGTERM: keep what was done
     try:
-        results = run_mutants(chosen, TestSelector(cmap), settings, args.jobs, machines, tmp, root, args.out, data,
-                              results)
+        run_mutants(chosen, TestSelector(cmap), settings, args.jobs, machines, tmp, root, args.out, data, results, stop_at)
     except KeyboardInterrupt:
-        print(f"\n[mutation] interrupted: {len(results) - len(not_run)} of {len(chosen)} mutants done, written as incomplete",
-              file=sys.stderr)
-    data.update(wall_s=round(time.perf_counter() - t0, 1), complete=len(results) == len(chosen) + len(not_run),
-                mutants=results)
+        print(f"\n[mutation] interrupted: {len(results) - len(kept) - len(not_run)} of {len(chosen)} mutants done, "
+              "written as incomplete (--resume continues)", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    wall = round(time.perf_counter() - t0, 1)
+    if kept:
+        data["runs"].append({k: data.get(k) for k in ("command", "host", "cpus", "jobs", "started")} | {"wall_s": wall})
+    data.update(wall_s=round(wall + sum((r.get("wall_s") or 0) for r in data.get("runs", [])[:-1]), 1),
+                complete=len(results) == len(kept) + len(chosen) + len(not_run), mutants=results)
     data["summary"] = tables(results, triage)
     write_json(args.out, data)
     md_path.write_text(markdown(data, triage, _rel(args.triage)))
     print_tables(data, triage)
     print(f"wrote {_rel(args.out)} and {_rel(md_path)}")
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _previous_results(path: Path, chosen: list[Mutant]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Results in an earlier report that still describe one of `chosen` (same id, line and change);
+    errors are checked again."""
+    try:
+        previous = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return [], {}
+    now = {m.id: m for m in chosen}
+    kept = [r for r in previous.get("mutants", []) if r["id"] in now and r.get("status") != "error"
+            and not r.get("not_run") and (r["line"], r["before"], r["after"]) == (now[r["id"]].line, now[r["id"]].before,
+                                                                                    now[r["id"]].after)]
+    return kept, previous
 
 
 def _rel(p: Path) -> str:

@@ -171,6 +171,7 @@ class Child:
                     os.close(r)
                     os.setpgrp()
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     if self.log is not None:
                         fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                         os.dup2(fd, 1)
