@@ -124,3 +124,25 @@ def settled_errors(ops) -> list[str]:
         if settled and (op.kind in ("backup", "load", "store") or op.state == "draining"):
             v.append(f"op {op.id} ({op.kind}) has every part settled but poll left it in flight")
     return v
+
+
+def size_errors(m: Model, sizes: dict) -> list[str]:
+    """The cache's evictable/protected totals (what allocation decides on) against the model's own
+    count: device data is protected by a lock, host data by a reference or a device copy."""
+    ps = m.page_size
+    want: dict = {}
+
+    def add(key, n):
+        want[key] = want.get(key, 0) + n
+
+    for g in m.pages.values():
+        dev = "protected" if g.lock else "evictable"
+        host = "protected" if (g.host_ref or g.dev) else "evictable"
+        for on, comp, tier, state, n in ((g.dev, "full", "device", dev, ps), (g.host, "full", "host", host, ps),
+                                         (g.mamba, "mamba", "device", dev, 1), (g.mamba_host, "mamba", "host", host, 1),
+                                         (g.swa, "swa", "device", dev, ps), (g.swa_host, "swa", "host", host, ps)):
+            if on:
+                add((comp, tier, state), n)
+    got = {k: v for k, v in sizes.items() if v}
+    return [f"R2 by the model: {k} is {got.get(k, 0)}, the model counts {want.get(k, 0)}"
+            for k in sorted(set(want) | set(got)) if want.get(k, 0) != got.get(k, 0)][:3]

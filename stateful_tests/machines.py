@@ -144,6 +144,7 @@ class CacheMachine(RuleBasedStateMachine):
         if check is not None:
             errs += check(self.model, after)
         errs += data_errors(self.cache, snap)
+        errs += effects.size_errors(after, snap.sizes)
         self.rec.keep(after.pages)
         op = what.split()[0]
         if DRIFT_EVERY and self.steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
