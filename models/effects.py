@@ -42,12 +42,15 @@ def unlocked_device(m: Model) -> int:
 
 def alloc_errors(before: Model, n: int, free: int, raised: bool, write_back: bool, changed: list[str]) -> list[str]:
     """alloc_device(n) with `free` L1 tokens free before it; `changed` is what the frame saw change."""
+    if not raised:
+        return []
     v = []
     room = free + freeable_device(before, write_back)
-    if raised and room >= n:
+    if room >= n:
         v.append(f"alloc of {n} tokens failed although {free} were free and {room - free} freeable")
-    if raised and free + unlocked_device(before) < n and changed:
-        v.append(f"alloc of {n} tokens could never succeed ({free} free, {unlocked_device(before)} unlocked) "
+    unlocked = unlocked_device(before)
+    if free + unlocked < n and changed:
+        v.append(f"alloc of {n} tokens could never succeed ({free} free, {unlocked} unlocked) "
                  f"but evicted before failing: {changed[0]}")
     return v
 
@@ -81,7 +84,7 @@ def spurious_backups(before: Model, after: Model, may: set) -> list[str]:
             for op in new if not op.pages <= may][:3]
 
 
-def due_selective(m: Model, rec: Recency, pages: list[Prefix], threshold: int, certain: bool = True) -> list[Prefix]:
+def due_selective(rec: Recency, pages: list[Prefix], threshold: int, certain: bool = True) -> list[Prefix]:
     """Pages of `pages` whose hits certainly (or, with certain=False, possibly) reached the
     selective write-through threshold."""
     return [p for p in pages if (rec.certainly_hit(p, threshold) if certain else rec.possibly_hit(p, threshold))]

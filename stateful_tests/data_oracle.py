@@ -99,15 +99,16 @@ def data_errors(cache: HiCache, snap: Snapshot) -> list[str]:
         if n.parent is None:
             continue
         first = len(prefix) - len(n.key)
-        want = [page_kv(prefix[: first + i], g) for i in range(ps, len(n.key) + 1, ps)]
+        pages = [prefix[: first + i] for i in range(ps, len(n.key) + 1, ps)]
+        want = [page_kv(q, g) for q in pages]
         if n.device is not None:
             dev_slots += n.device
             dev_want += want
-            where_dev += [prefix[: first + i] for i in range(ps, len(n.key) + 1, ps)]
+            where_dev += pages
         if n.host is not None:
             host_slots += n.host
             host_want += want
-            where_host += [prefix[: first + i] for i in range(ps, len(n.key) + 1, ps)]
+            where_host += pages
         c = cache.config
         if n.mamba is not None and not torch.equal(
                 cache.device_state.data[n.mamba].cpu(), state(prefix, c.mamba_state_dim, c.dtype)):

@@ -109,7 +109,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device),
                              storage=self.storage, state_storage=self.state_storage, ranks=self.ranks)
         self.held: list = []  # nodes this driver holds a caller lock on (as lock() returned them)
-        self.prefetching: dict[str, tuple] = {}  # request id -> (operation, anchor prefix, key)
+        self.prefetching: dict[str, tuple] = {}  # request id -> (operation, anchor prefix, key, deadline)
         self._rids = itertools.count()
         self.snap = self.cache.snapshot()
         self.model = abstract(self.snap)
@@ -121,6 +121,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.stores: dict[int, tuple] = {}  # store op id -> (node prefix, its tokens, with a state)
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
+
+    @property
+    def _write_back(self) -> bool:
+        return self.cache.config.write_policy.value == "write_back"
 
     def _open_storage(self, name: str, page_shape, dtype):
         """L3 as this machine's backend kind: in memory (roomy), or files in a directory with room
@@ -165,8 +169,7 @@ class CacheMachine(RuleBasedStateMachine):
     def _l1_room(self, **kw) -> Allowed:
         """A step that may make L1 room: device eviction. It loses L2 data only through a sidecar
         tombstone's cascade, or when a write-back backup makes L2 room first."""
-        host = self.model.sidecar is not None or self.cache.config.write_policy.value == "write_back"
-        return Allowed(evict_dev=True, evict_host=host, **kw)
+        return Allowed(evict_dev=True, evict_host=self.model.sidecar is not None or self._write_back, **kw)
 
     def _raised(self, what: str, e: RefCacheError) -> None:
         """An operation raised: nothing may have changed (pool exhaustion may have evicted first,
@@ -195,7 +198,7 @@ class CacheMachine(RuleBasedStateMachine):
     def _alloc(self, what: str, n: int, alloc) -> object | None:
         """One allocation of a forward pass, checked against the model: it must succeed whenever
         free plus freeable space covers it, and fail without evicting when nothing could."""
-        write_back = self.cache.config.write_policy.value == "write_back"
+        write_back = self._write_back
         free = self._free("device_kv" if what == "alloc" else "device_state")
         try:
             got = alloc()
@@ -203,7 +206,7 @@ class CacheMachine(RuleBasedStateMachine):
             got = None
 
         def check(b, a):
-            changed = frame(b, a, Allowed())
+            changed = frame(b, a, Allowed()) if got is None else []
             if what == "alloc":
                 swa_room = (b.sidecar != "swa" or not b.ops and
                             self.snap.swa_capacity - PS * sum(g.swa for g in b.pages.values()) >= n)
@@ -259,12 +262,8 @@ class CacheMachine(RuleBasedStateMachine):
         else:
             self.rec.use(pages[len(on_dev):])
         policy = c.config.write_policy.value
-        may = set() if busy else set(pages if policy == "write_through" else
-                                     effects.due_selective(m, self.rec, pages, c.config.backup_after_hits, False)
-                                     if policy == "write_through_selective" else [])
-        due = [] if busy else (pages if policy == "write_through" else
-                               effects.due_selective(m, self.rec, pages, c.config.backup_after_hits)
-                               if policy == "write_through_selective" else [])
+        may = set() if busy else set(self._due(pages, policy == "write_through", certain=False))
+        due = [] if busy else self._due(pages, policy == "write_through")
 
         def check(b, a):
             v = []
@@ -283,6 +282,17 @@ class CacheMachine(RuleBasedStateMachine):
             allowed = self._l2_room(gain_dev=gain, gain_side=side)
         self._step(f"insert {tokens}", allowed, check)
 
+    def _due(self, pages: list, inserted: bool, certain: bool = True) -> list:
+        """Pages of `pages` the write policy makes due for backup: all of an insert's under
+        write-through; under selective write-through those whose hits (certainly, or possibly)
+        reached the threshold; none otherwise."""
+        c = self.cache.config
+        if c.write_policy.value == "write_through":
+            return list(pages) if inserted else []
+        if c.write_policy.value == "write_through_selective":
+            return effects.due_selective(self.rec, pages, c.backup_after_hits, certain)
+        return []
+
     def _match(self, tokens):
         want = self.model.predict_match(tokens)
         free_host = self._free("host_kv")
@@ -293,11 +303,7 @@ class CacheMachine(RuleBasedStateMachine):
         path = self.model.page_prefixes(tuple(tokens)[: want[1]])  # the pages with data it walked
         self.rec.tick()
         self.rec.use(path, hit=True)
-        c = self.cache.config
-        selective = c.write_policy.value == "write_through_selective"
-        may = set(effects.due_selective(self.model, self.rec, path, c.backup_after_hits, False)) if selective else set()
-        due = (effects.due_selective(self.model, self.rec, path, c.backup_after_hits)
-               if c.write_policy.value == "write_through_selective" else [])
+        may, due = set(self._due(path, False, certain=False)), self._due(path, False)
 
         def check(b, a):
             v = [] if got == want else [f"match (device, last_host, best, host_hit) = {got}, model says {want}"]
@@ -309,7 +315,8 @@ class CacheMachine(RuleBasedStateMachine):
 
         # only selective write-through acts on a match (a backup, which may make L2 room and locks
         # its node); otherwise a match changes no data and no lock
-        allowed = self._l2_room() if c.write_policy.value == "write_through_selective" else Allowed(lock_delta={})
+        allowed = self._l2_room() if self.cache.config.write_policy.value == "write_through_selective" \
+            else Allowed(lock_delta={})
         self._step(f"match {tokens}", allowed, check)
         return m
 
@@ -347,8 +354,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(n=st.sampled_from([0, PS, 4 * PS, 10**6]))
     def evict(self, n):
         freed = self.cache.evict(n)
-        wb = self.cache.config.write_policy.value == "write_back"  # only a write-back backup takes a lock
-        self._step(f"evict {n} -> {freed}", self._l1_room() if wb else self._l1_room(lock_delta={}),
+        # only a write-back backup takes a lock
+        self._step(f"evict {n} -> {freed}", self._l1_room() if self._write_back else self._l1_room(lock_delta={}),
                    lambda b, a: check_evict(b, a, n, freed, rec=self.rec))
 
     @precondition(lambda self: any(g.host for g in self.model.pages.values()))
@@ -384,8 +391,7 @@ class CacheMachine(RuleBasedStateMachine):
             if side == "swa" and any(op.kind == "load" for op in b.ops.values()):
                 return v  # a load reserves SWA pages the abstract operation does not list
             cands = [p for p, g in b.pages.items() if getattr(g, side) and g.lock == 0 and p not in b.busy()]
-            wb = c.config.write_policy.value == "write_back"
-            deferred = [p for p in cands if wb and b.dev_evictable(p) and not b.pages[p].host]
+            deferred = [p for p in cands if self._write_back and b.dev_evictable(p) and not b.pages[p].host]
             if not deferred and unit * len(lost) < min(amount, unit * len(cands)):
                 v.append(f"evict_{side}({amount}) freed {unit * len(lost)} while {len(cands)} holders were evictable")
             sizes = [len(nd.key) if side == "swa" else 1 for nd in before_snap.nodes.values()
@@ -472,8 +478,7 @@ class CacheMachine(RuleBasedStateMachine):
         except InvalidAnchorError as e:
             raise Disagreement(f"load_back(best_match_node) raised {e}") from e
         except PoolExhaustedError:
-            free, need = self._free("device_kv"), PS * len(path)
-            wb = self.cache.config.write_policy.value == "write_back"
+            free, need, wb = self._free("device_kv"), PS * len(path), self._write_back
 
             def must(b, a):
                 """A full-KV load-back fails only when L1 cannot be made room for its path, its own
@@ -526,21 +531,21 @@ class CacheMachine(RuleBasedStateMachine):
     @rule()
     def storage_writes_land(self):
         """Held L3 writes of other instances are released and land."""
+        self._land_writes()
+        self._step("storage_writes_land", Allowed())
+
+    def _land_writes(self) -> None:
         for st_ in (self.storage, self.state_storage):
             if st_ is not None:
                 st_.faults.release()
         self.l3_writes = [w for w in self.l3_writes if not w.poll()]
-        self._step("storage_writes_land", Allowed())
 
     @precondition(lambda self: self.l3_dir is not None)
     @rule()
     def reopen_storage(self):
         """The storage service restarts: a new backend over the same directory rebuilds its index
         from the files (reads in flight keep the old handle, which sees the same files)."""
-        for st_ in (self.storage, self.state_storage):
-            if st_ is not None:
-                st_.faults.release()
-        self.l3_writes = [w for w in self.l3_writes if not w.poll()]
+        self._land_writes()
         cfg = self.cache.config
         self.storage = self.cache.storage = self._open_storage("kv", self.storage.page_shape, cfg.dtype)
         if self.state_storage is not None:
@@ -554,10 +559,10 @@ class CacheMachine(RuleBasedStateMachine):
             op = self.cache.write_backup_storage(node)
         except RefCacheError as e:
             return self._raised("store", e)
+        p = node_prefix(node)
         if op is not None:
-            p = node_prefix(node)
             self.stores[op.id] = (p, len(node.key), node.mamba_host is not None)
-        self._step(f"store {node_prefix(node) if node.parent else ()} -> {op and op.id}", Allowed())
+        self._step(f"store {p} -> {op and op.id}", Allowed())
 
     def _stored_errors(self, prefix, n_tokens: int, with_state: bool) -> list[str]:
         """A store that completed left the node's pages (and state) in L3 under their keys, with the
@@ -736,7 +741,7 @@ class CacheMachine(RuleBasedStateMachine):
             (gain_dev if a.kind == "load" else gain_host).update(a.pages)
         # device data goes only when a write-back backup lands (its node is demoted) or through a
         # sidecar tombstone's cascade; L2 data only through such a cascade
-        side_or_wb = self.model.sidecar is not None or self.cache.config.write_policy.value == "write_back"
+        side_or_wb = self.model.sidecar is not None or self._write_back
         ends = gain_dev | gain_host | {a.anchor for a in acked if a.anchor}
         side = {p[:i] for p in ends for i in range(PS, len(p) + 1, PS)}  # mamba at the end, SWA in the window
 
