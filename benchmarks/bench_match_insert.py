@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conformance import shim  # noqa: E402
+from conformance.targets.sglang import shim  # noqa: E402
 from refcache import CacheConfig, DeterministicExecutor, HiCache  # noqa: E402
 
 

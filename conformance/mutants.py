@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from unittest import mock
 
-from . import runner, shim
-from .sglang_targets import HIMAMBA_REAL
+from . import runner
+from .targets.sglang import shim
+from .targets.sglang.common import HIMAMBA_REAL
 
 
 @dataclass(frozen=True)

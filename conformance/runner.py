@@ -2,6 +2,7 @@
 
     python -m conformance.runner --target sglang-radix --budget 30 [--seed 0] [--json]
     python -m conformance.runner --all --budget 20
+    python -m conformance.runner --list
 
 A process can hold one sglang version, so a target needing a version other than the one this
 process has loaded runs in a child process (same function, JSON back).
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from hypothesis import HealthCheck, settings
 from hypothesis import seed as hseed
@@ -27,46 +28,26 @@ from hypothesis.internal.conjecture import engine
 from hypothesis.reporting import with_reporter
 from hypothesis.stateful import get_state_machine_test
 
-from . import shim
 from .machine import ConformanceMachine, format_calls, machine_for, minimize, replay
+from .targets import TargetSpec
+from .targets import refcache as refcache_targets
+from .targets import sglang as sglang_targets
+from .targets.sglang import shim
 
 
-@dataclass(frozen=True)
-class TargetSpec:
-    factory: str  # "module:function" inside conformance
-    sglang: str | None = None
-    what: str = ""
-    page_size: int = 2
-    args: tuple = ()  # passed to the factory
+def _merge(*registries: dict[str, TargetSpec]) -> dict[str, TargetSpec]:
+    """One table of every engine's targets; a name registered twice is an error, not a silent override."""
+    out: dict[str, TargetSpec] = {}
+    for reg in registries:
+        for name, spec in reg.items():
+            if name in out:
+                raise ValueError(f"target {name!r} is registered twice")
+            out[name] = spec
+    return out
 
 
-TARGETS: dict[str, TargetSpec] = {
-    "refcache": TargetSpec("refcache_target:refcache_full", None, "refcache, full only, device-only usage, page 2"),
-    "refcache-mamba": TargetSpec("refcache_target:refcache_mamba", None, "refcache, full+mamba, device-only, page 1", 1),
-    "refcache-hicache": TargetSpec("refcache_target:refcache_hicache", None, "refcache HiCache, write-through, page 2"),
-    "refcache-himamba": TargetSpec("refcache_target:refcache_himamba", None,
-                                   "refcache HiCache full+mamba, write-through, page 1", 1),
-    "sglang-radix": TargetSpec("sglang_targets:SGLangRadix", "0.5.23", "SGLang RadixCache 0.5.23, page 2"),
-    "sglang-unified-python": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
-                                        "SGLang UnifiedRadixCache 0.5.23 (FULL), Python tree core, page 2",
-                                        args=("python",)),
-    "sglang-unified-rust": TargetSpec("sglang_targets:SGLangUnified", "0.5.23",
-                                      "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2",
-                                      args=("rust",)),
-    "sglang-mamba": TargetSpec("sglang_targets:SGLangMamba", "0.5.17", "SGLang MambaRadixCache 0.5.17, page 1", 1),
-    "sglang-hiradix": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
-                                 "SGLang HiRadixCache 0.5.17 (HiCache: write-through, direct IO), page 2; "
-                                 "a GPU, or CPU stand-ins for pinning and copies"),
-    "sglang-hiradix-selective": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
-                                           "the same, write-through-selective (backup on the second hit)",
-                                           args=("write_through_selective",)),
-    "sglang-hiradix-write-back": TargetSpec("sglang_targets:SGLangHiRadix", "0.5.17",
-                                            "the same, write-back (backup when evicted from the device)",
-                                            args=("write_back",)),
-    "sglang-himamba": TargetSpec("sglang_targets:SGLangHiMamba", "0.5.17",
-                                 "SGLang HiMambaRadixCache 0.5.17 (write-through, direct IO), page 1; "
-                                 "a GPU, or CPU stand-ins for pinning and copies", 1),
-}
+# One registry per engine folder under conformance/targets/; a new engine adds its TARGETS here.
+TARGETS: dict[str, TargetSpec] = _merge(refcache_targets.TARGETS, sglang_targets.TARGETS)
 
 
 def target_names() -> list[str]:
@@ -76,6 +57,9 @@ def target_names() -> list[str]:
 def unavailable_reason(name: str) -> str:
     """'' when `name` can run here, else why not (one sentence)."""
     spec = TARGETS[name]
+    if spec.requires:
+        mod, _, fn = spec.requires.partition(":")
+        return getattr(importlib.import_module(mod), fn)()
     if spec.sglang is None:
         return ""
     return shim.missing_reason(spec.sglang)
@@ -87,9 +71,7 @@ def available_targets() -> list[str]:
 
 def make_factory(name: str):
     spec = TARGETS[name]
-    mod_name, fn = spec.factory.split(":")
-    mod = importlib.import_module(f"conformance.{mod_name}")
-    obj = getattr(mod, fn)
+    obj = spec.resolve()
     return lambda: obj(*spec.args)
 
 
@@ -238,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON line per target")
     ap.add_argument("--replay", help="a JSON list of recorded operations to replay on the one --target")
     ap.add_argument("--strict", action="store_true", help="with --replay: lift the target's allowances")
+    ap.add_argument("--list", action="store_true", help="list every target: name, what it is, whether it runs here")
     a = ap.parse_args(argv)
+    if a.list:
+        for n, spec in TARGETS.items():
+            why = unavailable_reason(n)
+            print(f"{n:34} {spec.what}  [{'available' if not why else 'unavailable: ' + why}]")
+        return 0
     if a.replay:
         print(json.dumps({"error": replay_calls(a.target[0], json.loads(a.replay), a.strict)}))
         return 0

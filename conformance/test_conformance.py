@@ -11,8 +11,9 @@ from unittest import mock
 
 import pytest
 
-from conformance import mutants, runner, shim
+from conformance import mutants, runner
 from conformance.machine import Disagreement
+from conformance.targets.sglang import shim
 
 pytestmark = pytest.mark.conformance
 BUDGET = float(os.environ.get("CONFORMANCE_BUDGET_S", "4"))

@@ -1,23 +1,12 @@
-"""Adapters for SGLang's radix caches, per pinned version (their APIs drift between versions).
+"""Adapters for SGLang 0.5.17, kept as regression tests of the upstream bugs found there.
 
-- `sglang-radix` (0.5.23): `RadixCache.create_simulated`, page size 2, a `SlotBook` allocator.
-- `sglang-unified-python` / `sglang-unified-rust` (0.5.23): `UnifiedRadixCache` with the FULL
-  component only, its tree core in Python or the bundled compiled Rust core. Neither exposes
-  nodes in production builds, so the abstraction reads the tree through `walk_for_kv_canary`
-  (every device slot with its position and predecessor slot) and the `SlotBook` records of what
-  each slot holds; lock counts are read as locked / unlocked only, and recency is not readable
-  (eviction order is not judged there).
-- `sglang-mamba` (0.5.17): `MambaRadixCache`, page size 1 (its v1 requires it), KV and mamba
-  state slots from `SlotBook`s behind the allocator classes it checks for.
-- `sglang-hiradix` (0.5.17): `HiRadixCache`, SGLang's HiCache (device KV backed by a host tier),
-  with its real cache controller and host pool; page size 2, write-through, load-back.
-- `sglang-himamba` (0.5.17): `HiMambaRadixCache`, the same for full KV + mamba state, page size 1.
-  These two run on a GPU with SGLang's own copy kernels, or on the CPU with stand-ins for pinning
-  and the kernels (conformance/kernels.py).
-
-Every adapter also runs the target's own `sanity_check` where it has one, checks that every slot
-is accounted for once (R1), that every tree value holds the prefix it sits under (D1), and that
-the evictable/protected sizes equal what they summarize (R2).
+- `sglang-mamba`: `MambaRadixCache`, page size 1 (its v1 requires it), KV and mamba state slots
+  from `SlotBook`s behind the allocator classes it checks for.
+- `sglang-hiradix*`: `HiRadixCache`, SGLang's HiCache before 0.5.23 (device KV backed by a host
+  tier), with its real cache controller and host pool; page size 2; write-through, selective, write-back.
+- `sglang-himamba`: `HiMambaRadixCache`, the same for full KV + mamba state, page size 1.
+  The HiCache ones run on a GPU with SGLang's own copy kernels, or on the CPU with stand-ins for
+  pinning and the kernels (`kernels.py`).
 """
 
 from __future__ import annotations
@@ -27,265 +16,11 @@ from array import array
 
 import torch
 
-from models.abstract import Model, Page, Prefix
+from models.abstract import Model, Page
 
+from ...target import CORE_OPS, Inserted, Match, SlotBook, Target, TargetError, TargetInfo
 from . import shim
-from .target import CORE_OPS, Inserted, Match, SlotBook, Target, TargetError, TargetInfo
-
-V_NEW, V_MAMBA = "0.5.23", "0.5.17"
-# sglang 0.5.17 modules the HiCache targets need real, not stood in for; every 0.5.17 target asks for
-# them, so whichever target loads the version first, the others can share the process.
-HIMAMBA_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
-
-# Explained divergences, not judged in bounded runs (test_conformance.py keeps each one demonstrated):
-# "lru-recency": an insert or match that ends inside a node refreshes the recency of the node's
-# unmatched remainder (RadixCache/UnifiedRadixCache stamp the node before splitting it; MambaRadixCache
-# re-inserts the split child as most recent), so a prefix inserted later is evicted before it.
-KNOWN = frozenset({"lru-recency"})
-# "lock-tombstone" (MambaRadixCache 0.5.17, an upstream bug): inc_lock_ref takes a mamba lock only if
-# the node holds a state *now*, and dec_lock_ref releases one if it holds a state *then*; a locked
-# tombstone revived by an insert in between fails dec_lock_ref's assertion (or, under -O, drives
-# mamba_lock_ref to -1 and corrupts the evictable/protected sizes). 0.5.23's lock receipts fix the class.
-KNOWN_MAMBA = KNOWN | {"lock-tombstone"}
-# HiMambaRadixCache 0.5.17, two more:
-# "mamba-lru-stamps" (upstream inconsistency): its match moves the whole path in the *mamba* LRU list
-# (reset_node_and_parents_mru) without refreshing those nodes' mamba stamps, so its own sanity_check
-# fails after e.g. insert [1,1], insert [1], match [1,1]; and it contradicts MambaRadixCache, which
-# touches only the used state on purpose. Bounded runs check the full LRU list only.
-# "mamba-host-boundary" (a different contract): when the deepest mamba state on the path is only on
-# host, its device match still runs to that node (device KV) and mamba_host_hit_length=1 asks for the
-# state; the spec's device match ends at a node whose state is on device. Not compared then.
-KNOWN_HIMAMBA = KNOWN_MAMBA | {"mamba-lru-stamps", "mamba-host-boundary"}
-# HiRadixCache 0.5.17 under write-back or selective write-through, "best-is-backed-up" (a different
-# contract): its best_match_node is the deepest matched node that is backed up, the spec's the deepest
-# with data on any tier; they differ when the deepest matched nodes are only on device (not backed up
-# yet). The machine then expects the deepest backed-up page. Under write-through they coincide.
-
-
-def _pages(ps: int, prefix: tuple, key_len: int):
-    """Page prefixes of a node whose key (length key_len) ends `prefix`."""
-    start = len(prefix) - key_len
-    return [prefix[: i] for i in range(start + ps, len(prefix) + 1, ps)]
-
-
-# ================================================================ RadixCache (0.5.23)
-class SGLangRadix(Target):
-    def __init__(self):
-        shim.load(V_NEW)
-        from sglang.srt.mem_cache import base_prefix_cache as b
-        from sglang.srt.mem_cache import radix_cache as r
-
-        self.b, self.r = b, r
-        self.info = TargetInfo("sglang-radix", page_size=2, device_tokens=16, sglang=V_NEW, allow=KNOWN)
-        self.book = SlotBook(self.info.device_tokens, self.info.page_size)
-        self.cache = r.RadixCache.create_simulated(mock_allocator=self.book, page_size=self.info.page_size)
-
-    def _key(self, tokens):
-        return self.r.RadixKey(array("q", tokens))
-
-    def alloc(self, tokens):
-        n = len(tokens)
-        short = n - self.book.available_size()
-        if short > 0:
-            ev = self._evictable()
-            if short > ev:
-                raise TargetError(f"{n} tokens needed, {self.book.available_size()} free, {ev} evictable")
-            self.cache.evict(self.b.EvictParams(num_tokens=short))
-        idx = self.book.alloc(n)
-        if idx is None:
-            raise TargetError(f"only {self.book.available_size()} tokens free after eviction")
-        self.book.write(idx, tokens)
-        return idx
-
-    def _evictable(self) -> int:
-        return self.cache.evictable_size()
-
-    def insert(self, tokens, kv):
-        res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv))
-        self.book.take(kv[res.prefix_len:].tolist())
-        self.book.free_segment(kv[: res.prefix_len])  # the duplicates stay the caller's to free
-        return Inserted(res.prefix_len)
-
-    def match(self, tokens):
-        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        idx = self.cache.path_device_indices(m.last_device_node).tolist()
-        if len(idx) != m.device_prefix_len:
-            raise AssertionError(f"device_prefix_len {m.device_prefix_len} but the path holds {len(idx)} slots")
-        return Match(device_len=m.device_prefix_len, best_len=self._plen(m.best_match_node), node=m.last_device_node,
-                     device_indices=idx)
-
-    def _plen(self, node) -> int:
-        return len(self.node_prefix(node))
-
-    def alive(self, node) -> bool:
-        root, ps = self.cache.root_node, self.info.page_size
-        while node is not root:
-            p = node.parent
-            if p is None or p.children.get(node.key.child_key(ps)) is not node:
-                return False
-            node = p
-        return True
-
-    def node_prefix(self, node) -> Prefix:
-        keys = []
-        while node is not self.cache.root_node:
-            keys.append(tuple(node.key.token_ids))
-            node = node.parent
-        return tuple(t for k in reversed(keys) for t in k)
-
-    def lock(self, node):
-        self.cache.inc_lock_ref(node)
-        return node
-
-    def locked_prefix(self, lock) -> Prefix:
-        return self.node_prefix(lock)
-
-    def unlock(self, lock):
-        self.cache.dec_lock_ref(lock)
-
-    def evict(self, n):
-        return self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
-
-    def _nodes(self):
-        out, stack = [], [(self.cache.root_node, ())]
-        while stack:
-            n, pre = stack.pop()
-            for c in n.children.values():
-                p = pre + tuple(c.key.token_ids)
-                out.append((c, p))
-                stack.append((c, p))
-        return out
-
-    def abstract(self) -> Model:
-        m = Model(page_size=self.info.page_size, sidecar=None, window=0)
-        for n, pre in self._nodes():
-            for p in _pages(self.info.page_size, pre, len(n.key)):
-                m.pages[p] = Page(dev=n.value is not None, host=False, lock=n.lock_ref, stamp=n.last_access_time)
-        return m
-
-    def check(self) -> list[str]:
-        v, slots, ev, pr = [], [], 0, 0
-        for n, pre in self._nodes():
-            val = n.value.tolist()
-            slots += val
-            if not all(self.book.content.get(s) == pre[: len(pre) - len(val) + i + 1] for i, s in enumerate(val)):
-                v.append(f"D1: node {pre} holds slots whose contents are not its prefix")
-            if n.lock_ref == 0:
-                ev += len(n.key)
-            else:
-                pr += len(n.key)
-            leaf = n.lock_ref == 0 and not any(not c.evicted for c in n.children.values())
-            if leaf != (n in self.cache.evictable_leaves):
-                v.append(f"R3: node {pre} evictable leaf={leaf} but evictable_leaves says {not leaf}")
-        if (ev, pr) != (self.cache.evictable_size(), self.cache.protected_size()):
-            v.append(f"R2: evictable/protected sizes {(self.cache.evictable_size(), self.cache.protected_size())}, "
-                     f"the tree sums to {(ev, pr)}")
-        return v + self.book.account(slots)
-
-
-# ======================================================= UnifiedRadixCache (0.5.23)
-class SGLangUnified(Target):
-    def __init__(self, core: str):
-        shim.load(V_NEW)
-        from sglang.srt.mem_cache import base_prefix_cache as b
-        from sglang.srt.mem_cache import cache_init_params as cip
-        from sglang.srt.mem_cache import radix_cache as r
-        from sglang.srt.mem_cache import unified_radix_cache as u
-        from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
-
-        self.b, self.r, self.FULL = b, r, ComponentType.FULL
-        self.info = TargetInfo(f"sglang-unified-{core}", page_size=2, device_tokens=16, sglang=V_NEW,
-                               exact_locks=False, stamps=False, allow=KNOWN,
-                               notes="nodes not readable: abstraction via walk_for_kv_canary; eviction order not judged")
-        self.book = SlotBook(self.info.device_tokens, self.info.page_size)
-        params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.book,
-                                     page_size=self.info.page_size, tree_components=(ComponentType.FULL,),
-                                     tree_core_backend=core)
-        self.cache = u.UnifiedRadixCache(params)
-        if self.cache._tree_core_backend != core:
-            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
-                                 f"instead of {core}")
-        self.prefix_of: dict[int, Prefix] = {}
-
-    def _key(self, tokens):
-        return self.r.RadixKey(array("q", tokens))
-
-    def _evictable(self) -> int:
-        return self.cache.tree_core.full_evictable_size()
-
-    alloc = SGLangRadix.alloc
-
-    def insert(self, tokens, kv):
-        # prev_prefix_len=0: unlike RadixCache, the unified tree frees the duplicates itself.
-        res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv))
-        self.book.take(kv[res.prefix_len:].tolist())
-        return Inserted(res.prefix_len)
-
-    def match(self, tokens):
-        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        node = m.last_device_node
-        self.prefix_of[node] = tuple(tokens[: m.device_prefix_len])
-        best = m.best_match_node
-        root = self.cache.tree_core.root_node_handle()
-        idx = self.cache.tree_core.collect_full_device_indices(node, root).tolist()
-        best_len = m.device_prefix_len if best == node else self._path_len(best)
-        return Match(device_len=m.device_prefix_len, best_len=best_len, node=node, device_indices=idx)
-
-    def _path_len(self, node) -> int:
-        path = self.cache.tree_core.collect_path_info([node])[0]
-        return path[-1].path_end if path else 0
-
-    def alive(self, node) -> bool:
-        try:
-            self.cache.tree_core.collect_path_info([node])
-            return True
-        except KeyError:
-            return False
-
-    def node_prefix(self, node) -> Prefix:
-        return self.prefix_of[node]
-
-    def lock(self, node):
-        return self.cache.lock(node)
-
-    def locked_prefix(self, lock) -> Prefix:
-        return self.prefix_of[lock.node]
-
-    def unlock(self, lock):
-        self.cache.unlock(lock)
-
-    def evict(self, n):
-        return self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
-
-    def _walk(self, unlocked_only: bool):
-        w = self.cache.tree_core.walk_for_kv_canary(unlocked_only, False)
-        return list(zip(w.slot_indices.tolist(), w.positions.tolist(), w.prev_slot_indices.tolist(), strict=True))
-
-    def abstract(self) -> Model:
-        ps = self.info.page_size
-        m = Model(page_size=ps, sidecar=None, window=0)
-        unlocked = {s for s, _, _ in self._walk(True)}
-        for s, pos, _ in self._walk(False):
-            pre = self.book.content.get(s)
-            if pre is None or len(pre) != pos + 1:
-                raise AssertionError(f"D1: slot {s} at position {pos} holds {pre}")
-            if (pos + 1) % ps == 0:
-                m.pages[pre] = Page(dev=True, host=False, lock=0 if s in unlocked else 1)
-        return m
-
-    def check(self) -> list[str]:
-        v = []
-        walk = self._walk(False)
-        for s, pos, prev in walk:
-            pre = self.book.content.get(s)
-            want = None if pos == 0 else (self.book.content.get(prev) if prev >= 0 else None)
-            if pos > 0 and (pre is None or want != pre[:-1]):
-                v.append(f"D1: slot {s} (position {pos}) follows slot {prev}, whose contents are not its prefix")
-        try:
-            self.cache.sanity_check()
-        except Exception as e:  # the target's own checker
-            v.append(f"sanity_check: {type(e).__name__}: {e}")
-        return v + self.book.account([s for s, _, _ in walk])
+from .common import HIMAMBA_REAL, KNOWN, KNOWN_HIMAMBA, KNOWN_MAMBA, V_MAMBA, RadixNodes, _pages, cpu_stand_ins
 
 
 # =========================================================== MambaRadixCache (0.5.17)
@@ -354,10 +89,10 @@ class SGLangMamba(Target):
         return Match(device_len=n, best_len=len(self.node_prefix(m.best_match_node)), node=m.last_device_node,
                      device_indices=m.device_indices.tolist())
 
-    alive = SGLangRadix.alive
-    node_prefix = SGLangRadix.node_prefix
-    locked_prefix = SGLangRadix.locked_prefix
-    _nodes = SGLangRadix._nodes
+    alive = RadixNodes.alive
+    node_prefix = RadixNodes.node_prefix
+    locked_prefix = RadixNodes.locked_prefix
+    _nodes = RadixNodes._nodes
 
     def evict(self, n):
         return self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
@@ -444,7 +179,7 @@ class SGLangHiMamba(Target):
         self.b, self.r = b, r
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
         if dev == "cpu":
-            _cpu_stand_ins()
+            cpu_stand_ins()
         shared = SGLangHiMamba._shared
         self.info = TargetInfo("sglang-himamba", page_size=1, sidecar="mamba", ops=CORE_OPS | {"load_back", "evict_mamba"},
                                device_tokens=16, mamba_slots=6, host=True, sglang=V_MAMBA, allow=KNOWN_HIMAMBA,
@@ -565,10 +300,10 @@ class SGLangHiMamba(Target):
     def _needs_load(node) -> bool:
         return node.evicted or (node.mamba_evicted and node.mamba_backuped)
 
-    alive = SGLangRadix.alive
-    node_prefix = SGLangRadix.node_prefix
-    locked_prefix = SGLangRadix.locked_prefix
-    _nodes = SGLangRadix._nodes
+    alive = RadixNodes.alive
+    node_prefix = RadixNodes.node_prefix
+    locked_prefix = RadixNodes.locked_prefix
+    _nodes = RadixNodes._nodes
     lock = SGLangMamba.lock
     unlock = SGLangMamba.unlock
 
@@ -652,7 +387,7 @@ class SGLangHiRadix(Target):
         self.b, self.r = b, r
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
         if dev == "cpu":
-            _cpu_stand_ins()
+            cpu_stand_ins()
         ps = 2
         suffix = {"write_through": "", "write_through_selective": "-selective", "write_back": "-write-back"}[policy]
         self.policy = policy
@@ -689,10 +424,10 @@ class SGLangHiRadix(Target):
     _val = staticmethod(SGLangHiMamba._val)
     _settle = SGLangHiMamba._settle
     _key = SGLangHiMamba._key
-    alive = SGLangRadix.alive
-    node_prefix = SGLangRadix.node_prefix
-    locked_prefix = SGLangRadix.locked_prefix
-    _nodes = SGLangRadix._nodes
+    alive = RadixNodes.alive
+    node_prefix = RadixNodes.node_prefix
+    locked_prefix = RadixNodes.locked_prefix
+    _nodes = RadixNodes._nodes
     data_ok = SGLangHiMamba.data_ok
     evict = SGLangHiMamba.evict
     load_back = SGLangHiMamba.load_back
@@ -716,8 +451,8 @@ class SGLangHiRadix(Target):
     def _needs_load(node) -> bool:
         return node.evicted
 
-    lock = SGLangRadix.lock
-    unlock = SGLangRadix.unlock
+    lock = RadixNodes.lock
+    unlock = RadixNodes.unlock
 
     def abstract(self) -> Model:
         m = Model(page_size=self.info.page_size, sidecar=None, window=0)
@@ -752,15 +487,3 @@ class SGLangHiRadix(Target):
 
             atexit.unregister(self.cache.shutdown)
             self.cache.release_host_resources()
-
-
-def _cpu_stand_ins() -> None:
-    """Without CUDA: skip pinned-memory registration, and copy with torch where the kernels would."""
-    import sglang.srt.mem_cache.memory_pool_host as mph
-    import sglang.srt.mem_cache.pool_host.common as phc
-    import sglang.srt.mem_cache.pool_host.mha as mha
-
-    from . import kernels
-
-    phc._cuda_host_register = lambda buffer: None
-    kernels.install(mha, mph)

@@ -1,0 +1,36 @@
+"""SGLang's prefix caches as conformance targets, per pinned version.
+
+`shim` imports one sglang version's cache modules on a plain CPU machine, `install` puts the
+pinned versions in place, `v0_5_23` / `v0_5_17` hold the adapters (their APIs drift between
+versions), `common` what they share, `kernels` CPU stand-ins for the host tier's copy kernels.
+"""
+
+from __future__ import annotations
+
+from .. import TargetSpec
+
+_N, _O = "conformance.targets.sglang.v0_5_23", "conformance.targets.sglang.v0_5_17"
+V_NEW, V_OLD = "0.5.23", "0.5.17"
+
+TARGETS: dict[str, TargetSpec] = {
+    "sglang-radix": TargetSpec(f"{_N}:SGLangRadix", V_NEW, "SGLang RadixCache 0.5.23, page 2"),
+    "sglang-unified-python": TargetSpec(f"{_N}:SGLangUnified", V_NEW,
+                                        "SGLang UnifiedRadixCache 0.5.23 (FULL), Python tree core, page 2",
+                                        args=("python",)),
+    "sglang-unified-rust": TargetSpec(f"{_N}:SGLangUnified", V_NEW,
+                                      "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2",
+                                      args=("rust",)),
+    "sglang-mamba": TargetSpec(f"{_O}:SGLangMamba", V_OLD, "SGLang MambaRadixCache 0.5.17, page 1", 1),
+    "sglang-hiradix": TargetSpec(f"{_O}:SGLangHiRadix", V_OLD,
+                                 "SGLang HiRadixCache 0.5.17 (HiCache: write-through, direct IO), page 2; "
+                                 "a GPU, or CPU stand-ins for pinning and copies"),
+    "sglang-hiradix-selective": TargetSpec(f"{_O}:SGLangHiRadix", V_OLD,
+                                           "the same, write-through-selective (backup on the second hit)",
+                                           args=("write_through_selective",)),
+    "sglang-hiradix-write-back": TargetSpec(f"{_O}:SGLangHiRadix", V_OLD,
+                                            "the same, write-back (backup when evicted from the device)",
+                                            args=("write_back",)),
+    "sglang-himamba": TargetSpec(f"{_O}:SGLangHiMamba", V_OLD,
+                                 "SGLang HiMambaRadixCache 0.5.17 (write-through, direct IO), page 1; "
+                                 "a GPU, or CPU stand-ins for pinning and copies", 1),
+}
