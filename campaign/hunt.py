@@ -11,11 +11,11 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import hypothesis.internal.conjecture.engine as engine
-from hypothesis import Phase, seed
+from hypothesis import Phase, reporting, seed
 from hypothesis.database import InMemoryExampleDatabase
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -35,6 +35,7 @@ class Hunt:
     found: bool = False
     seconds: float = 0.0  # to detection (or the whole run when nothing was found)
     shrink_seconds: float = 0.0
+    shrink_capped: bool = False  # Hypothesis's shrinking stopped at our cap (the line-level pass goes on)
     steps_run: int = 0  # model-checked steps executed while searching
     error: str = ""  # the failure's message (first line first)
     error_type: str = ""
@@ -67,13 +68,28 @@ def failure_check(message: str) -> str:
     return f"model:{op.group(1)}" if op else "model"
 
 
+SLOW_SHRINK_WARNING = "spent more than five minutes working to shrink"  # Hypothesis's words at *any* cap
+
+
 @contextlib.contextmanager
-def shrink_cap(seconds: float) -> Iterator[None]:
-    """Bound Hypothesis's shrinking (its own cap is 5 minutes) for this block."""
+def shrink_cap(seconds: float, capped: Callable[[], None] | None = None) -> Iterator[None]:
+    """Bound Hypothesis's shrinking (its own cap is 5 minutes) for this block. When the cap fires,
+    Hypothesis reports that it spent "more than five minutes", whatever the cap: that line is
+    swallowed here and `capped()` called instead, so the caller can say what really happened."""
     old = engine.MAX_SHRINKING_SECONDS
     engine.MAX_SHRINKING_SECONDS = max(1, int(seconds))
+    outer = reporting.current_reporter()
+
+    def reporter(message: object) -> None:
+        if SLOW_SHRINK_WARNING in str(message):
+            if capped is not None:
+                capped()
+        else:
+            outer(message)
+
     try:
-        yield
+        with reporting.with_reporter(reporter):
+            yield
     finally:
         engine.MAX_SHRINKING_SECONDS = old
 
@@ -110,7 +126,7 @@ def hunt(name: str, seed_: int, budget_s: float, shrink_s: float = 30.0, max_exa
             for value in list(db.data[key]):
                 db.move(key, key + b".secondary", value)
         t1 = time.perf_counter()
-        with shrink_cap(shrink_s):
+        with shrink_cap(shrink_s, lambda: setattr(res, "shrink_capped", True)):
             try:
                 run_state_machine_as_test(machine, settings=current(
                     phases=(Phase.reuse, Phase.shrink), database=db, derandomize=False, print_blob=False,

@@ -11,15 +11,20 @@ def _tables(summary: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     """(title, header, rows) for every table both pages show."""
     v = summary["verdict"]
     never = v.get("events_never_reached")
-    out = [("Verdict", ["clean cache", "bugs detected", "median time to detection", "elapsed", "rare events never reached"],
-            [["no violation" if v["clean_ok"] else "VIOLATIONS", v["bugs_detected"],
+    out = [("Verdict", ["verdict", "clean cache", "bugs detected", "median time to detection", "elapsed",
+                        "rare events never reached"],
+            [[v.get("status", "-"), "no violation" if v["clean_ok"] else "VIOLATIONS", v["bugs_detected"],
               "-" if v["median_detection_s"] is None else f"{v['median_detection_s']:.1f} s", f"{v['elapsed_s']} s",
               "-" if never is None else ", ".join(never) or "none"]])]
+    why = [["failed", x] for x in v.get("failed", [])] + [["not done", x] for x in v.get("not_done", [])]
+    if why:
+        out.append(("Why the verdict is not PASS", ["", "what"], why))
     if summary["bugs"]:
         out.append(("Seeded-bug detection", ["bug", "class", "detected", "time to detection", "minimized steps",
-                                             "check that fired", "machine", "report"],
+                                             "1-minimal", "check that fired", "machine", "report"],
                     [[b["name"], str(b["bug_class"]), "yes" if b["detected"] else "NO", f"{b['seconds']:.1f} s",
-                      str(b["steps_minimized"] or "-"), b["invariant"] or "-", b["machine"] or "-", b.get("report") or ""]
+                      str(b["steps_minimized"] or "-"), ("yes" if b.get("one_minimal") else "no") if b["detected"] else "-",
+                      b["invariant"] or "-", b["machine"] or "-", b.get("report") or ""]
                      for b in summary["bugs"]]))
     out.append(("Clean exploration", ["machine", "steps", "seconds", "violations"],
                 [[m, str(r["steps"]), f"{r['seconds']:.1f}", str(r["violations"])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import html
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,12 +96,15 @@ def dependents(rules: list[str], i: int) -> list[int]:
     return group
 
 
-def minimize(machine: str, rules: list[str], check: str, bug: str | None = None) -> list[str]:
+def minimize(machine: str, rules: list[str], check: str, bug: str | None = None,
+             time_cap_s: float = 120.0) -> tuple[list[str], bool]:
     """Drop rule calls — a definition with every line using it, then one line at a time, then
     two at a time, repeating until none can go — while the replay still fails: the same `check`
     on the clean cache; any check under a seeded bug, since the clean cache passes every
     program. Hypothesis's shrinker is thorough but slow on expensive steps, and it may stop at
-    its time cap."""
+    its time cap. Returns the program and whether it is 1-minimal: a full pass tried dropping
+    each of its steps alone and none could go (False when `time_cap_s` cut the search short)."""
+    stop = time.monotonic() + time_cap_s
 
     def still_fails(trial: list[str]) -> bool:
         try:
@@ -113,18 +117,24 @@ def minimize(machine: str, rules: list[str], check: str, bug: str | None = None)
         return [r for k, r in enumerate(lines) if k not in drop]
 
     cur = list(rules)
-    while True:
+    while time.monotonic() < stop:
         for i in range(len(cur) - 1, -1, -1):
             if i < len(cur) and len(group := dependents(cur, i)) > 1 and still_fails(trial := without(cur, set(group))):
                 cur = trial
+        singles_from = len(cur)
         for i in range(len(cur) - 1, -1, -1):
+            if time.monotonic() >= stop:
+                return cur, False
             if i < len(cur) and still_fails(trial := cur[:i] + cur[i + 1:]):
                 cur = trial
+        if len(cur) < singles_from:
+            continue  # a single went: try every single again on the shorter program
         pairs = ((i, j) for j in range(len(cur) - 1, 0, -1) for i in range(j - 1, -1, -1))
-        smaller = next((t for i, j in pairs if still_fails(t := without(cur, (i, j)))), None)
+        smaller = next((t for i, j in pairs if time.monotonic() < stop and still_fails(t := without(cur, (i, j)))), None)
         if smaller is None:
-            return cur
+            return cur, True  # the singles pass above tried every step of `cur` alone: none could go
         cur = smaller
+    return cur, False
 
 
 # ---------------------------------------------------------------------------- tree pictures
@@ -195,10 +205,18 @@ class FailureReport:
     rules: list[str]
     replayed: Replay
     statement: str = ""
+    one_minimal: bool = False  # no single step of `rules` can be dropped with the failure kept
 
     @property
     def marked(self) -> set[int]:
         return {int(x) for x in re.findall(r"node (\d+)", self.replayed.message)}
+
+    def _cap(self) -> str:
+        return " (stopped at the campaign's shrink-time cap)" if self.hunt.shrink_capped else ""
+
+    def _minimality(self) -> str:
+        return (" (1-minimal: no single step can be dropped with the failure kept)" if self.one_minimal
+                else " (not shown 1-minimal: minimization reached its time cap)")
 
     def repro_source(self) -> str:
         body = "\n".join(f"    {r}\n    state.invariants_hold()\n    state.model_agrees()" for r in self.rules)
@@ -238,8 +256,8 @@ def test_repro():
 - **Check that fired:** `{self.replayed.check}` {('— ' + self.statement) if self.statement else ''}
 - **Machine:** `{self.machine}`{f'  — seeded bug `{self.bug}`' if self.bug else ''}
 - **Seed:** {self.hunt.seed}; detected after {self.hunt.seconds:.1f} s and {self.hunt.steps_run} checked steps;
-  Hypothesis shrank it in {self.hunt.shrink_seconds:.1f} s to {len(self.hunt.rules)} steps, line-level
-  minimization to {len(self.rules)}.
+  Hypothesis shrank it in {self.hunt.shrink_seconds:.1f} s{self._cap()} to {len(self.hunt.rules)} steps, line-level
+  minimization to {len(self.rules)}{self._minimality()}.
 - **Replay:** `{replay_cmd}` (standalone file: `{repro_name}`)
 
 ## Message
@@ -277,7 +295,8 @@ mermaid.initialize({{startOnLoad: true}});</script>
 <h1>{e(self.title)}</h1>
 <p><b>Check that fired:</b> <code>{e(self.replayed.check)}</code> {e(self.statement)}<br>
 <b>Machine:</b> {e(self.machine)} {('— seeded bug <code>' + e(self.bug) + '</code>') if self.bug else ''}<br>
-<b>Seed:</b> {self.hunt.seed}; detected after {self.hunt.seconds:.1f} s; {len(self.rules)} minimized steps<br>
+<b>Seed:</b> {self.hunt.seed}; detected after {self.hunt.seconds:.1f} s;
+{len(self.rules)} minimized steps{e(self._minimality())}<br>
 <b>Replay:</b> <code>{e(replay_cmd)}</code> (<a href="{e(repro_name)}">{e(repro_name)}</a>)</p>
 <h2>Message</h2><pre>{e(self.replayed.message)}</pre>
 <h2>Minimized steps</h2><ol>{steps}</ol><p>Failing step: <code>{e(self.replayed.failing_step)}</code></p>
@@ -306,10 +325,11 @@ def build_report(h: Hunt, bug: str | None, title: str, statement: str = "", mini
     first = replay(h.machine, rules, bug)
     if not first.failed:
         return None  # Hypothesis's program did not replay (flaky): the hunt's message stands alone
+    one_minimal = False
     if minimize_lines:
-        rules = minimize(h.machine, rules, first.check, bug)
+        rules, one_minimal = minimize(h.machine, rules, first.check, bug)
         first = replay(h.machine, rules, bug)
-    return FailureReport(title, h.machine, bug, h, rules, first, statement)
+    return FailureReport(title, h.machine, bug, h, rules, first, statement, one_minimal)
 
 
 def report_from_exception(exc: BaseException, out: Path, stem: str, bug: str | None = None) -> dict[str, str] | None:

@@ -1,8 +1,8 @@
 """The main job and its reports: a test of the tests.
 
 A seeded bug is hunted, shrunk and reported; the generated repro file fails under the bug and
-passes on the clean cache; `refcache verify` writes summary.json as documented and exits 1 when
-a chosen bug goes undetected."""
+passes on the clean cache; `refcache verify` writes summary.json as documented, runs its tasks
+in worker processes, and its verdict is PASS (0) / FAIL (1) / INCOMPLETE (3) as documented."""
 
 from __future__ import annotations
 
@@ -128,16 +128,80 @@ def test_ascii_tree_marks_the_named_node(found):
 
 
 def test_verify_writes_the_documented_summary(tmp_path):
-    code = main(["verify", "--budget", "25", "--bugs", BUG, "--no-proofs", "--no-crosshair",
+    """Two worker processes: proofs, a hunt and clean slices run side by side and land in one
+    summary; CrossHair is turned off, so the verdict must be INCOMPLETE (exit 3) and say so."""
+    code = main(["verify", "--budget", "25", "--bugs", BUG, "--nodes", "2", "--no-crosshair", "--jobs", "2",
                  "--out", str(tmp_path), "--seed", "3"])
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert code == 0, s["verdict"]
-    assert set(s) >= {"clean", "proofs", "bugs"}
+    v = s["verdict"]
+    assert code == 3 and v["status"] == "INCOMPLETE", v
+    assert v["failed"] == [] and v["not_done"] == ["CrossHair contracts not checked (--no-crosshair)"], v
+    assert set(s) >= {"clean", "proofs", "bugs", "jobs"} and s["jobs"] == 2
+    assert s["proofs"] and all(p["status"] == "proved" and p["nodes"] == 2 for p in s["proofs"])
     assert s["clean"]["steps"] > 0 and s["clean"]["violations"] == 0
+    assert sum(m["steps"] for m in s["machines"].values()) == s["clean"]["steps"]
     (b,) = s["bugs"]
-    assert set(b) >= {"name", "detected", "seconds", "steps_minimized", "invariant", "report"}
+    assert set(b) >= {"name", "detected", "seconds", "steps_minimized", "invariant", "report", "one_minimal"}
     assert b["detected"] and b["invariant"] == "X1" and (tmp_path / b["report"]).exists()
+    assert b["one_minimal"] is True and "1-minimal" in (tmp_path / b["report_md"]).read_text()
     assert (tmp_path / "index.html").exists() and (tmp_path / "summary.md").exists()
+
+
+def _summary(**over) -> dict:
+    s = {"proofs": [{"invariant": "S1", "transition": "insert", "status": "proved"}],
+         "crosshair": [{"function": "f", "status": "confirmed", "ok": True}],
+         "bugs": [{"name": "b", "detected": True, "seconds": 1.0}], "clean": {"steps": 10, "violations": 0},
+         "conformance": [], "task_errors": []}
+    s.update(over)
+    return s
+
+
+@pytest.mark.parametrize("over, status, says", [
+    ({}, "PASS", ""),
+    ({"proofs": [{"invariant": "S1", "transition": "insert", "status": "skipped"}]}, "INCOMPLETE", "1 of 1 Z3 proofs"),
+    ({"proofs": [{"invariant": "S1", "transition": "insert", "status": "counterexample"}]}, "FAIL", "S1/insert"),
+    ({"crosshair": [{"function": "f", "status": "unknown", "ok": False}]}, "INCOMPLETE", "not settled"),
+    ({"crosshair": [{"function": "f", "status": "counterexample", "ok": False}]}, "FAIL", "CrossHair counterexamples"),
+    ({"bugs": [{"name": "b", "detected": False, "seconds": 9.0}]}, "FAIL", "not detected: b"),
+    ({"clean": {"steps": 10, "violations": 2}}, "FAIL", "2 violations"),
+    ({"clean": {"steps": 0, "violations": 0}}, "INCOMPLETE", "no steps"),
+    ({"conformance": [{"target": "t", "skipped": "not installed"}]}, "INCOMPLETE", "t skipped"),
+    ({"task_errors": ["task_hunt('b',): OSError: x"]}, "INCOMPLETE", "task crashed"),
+])
+def test_verdict_is_pass_only_when_everything_ran_and_held(over, status, says):
+    from campaign.verify import judge
+
+    got, failed, not_done = judge(_summary(**over), proofs=True, crosshair=True)
+    assert got == status, (failed, not_done)
+    assert says in " ".join(failed + not_done)
+
+
+def test_verdict_counts_turned_off_phases_as_not_done():
+    from campaign.verify import judge
+
+    assert judge(_summary(proofs=[]), proofs=False, crosshair=True)[0] == "INCOMPLETE"
+    assert judge(_summary(crosshair=[]), proofs=True, crosshair=False)[0] == "INCOMPLETE"
+
+
+def test_minimized_program_is_one_minimal(found):
+    """No single step of the reported program can be dropped with the failure kept."""
+    _, rep, _, _ = found
+    assert rep.one_minimal
+    for i in range(len(rep.rules)):
+        assert not replay(rep.machine, rep.rules[:i] + rep.rules[i + 1:], BUG).failed, i
+
+
+def test_shrink_cap_replaces_hypothesis_false_five_minutes_warning():
+    """Hypothesis says "more than five minutes" whenever its shrink cap fires, whatever the cap."""
+    from hypothesis import reporting
+
+    from campaign.hunt import SLOW_SHRINK_WARNING, shrink_cap
+
+    seen, capped = [], []
+    with reporting.with_reporter(seen.append), shrink_cap(3, lambda: capped.append(1)):
+        reporting.report(f"WARNING: Hypothesis has {SLOW_SHRINK_WARNING} a failing test case")
+        reporting.report("another line")
+    assert capped == [1] and seen == ["another line"]
 
 
 def test_verify_fails_when_a_bug_goes_undetected(tmp_path, monkeypatch):
@@ -148,9 +212,13 @@ def test_verify_fails_when_a_bug_goes_undetected(tmp_path, monkeypatch):
 
     monkeypatch.setitem(SEEDED_BUGS, "noop", SeededBug(0, "changes nothing", contextlib.nullcontext,
                                                        ("full/write_through",)))
-    code = main(["verify", "--budget", "12", "--bugs", "noop", "--no-proofs", "--no-crosshair", "--out", str(tmp_path)])
-    assert code == 1
-    assert json.loads((tmp_path / "summary.json").read_text())["bugs"][0]["detected"] is False
+    # one process: the patched registry is this process's own
+    code = main(["verify", "--budget", "12", "--bugs", "noop", "--no-proofs", "--no-crosshair", "--jobs", "1",
+                 "--out", str(tmp_path)])
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert code == 1 and s["verdict"]["status"] == "FAIL"
+    assert s["bugs"][0]["detected"] is False and s["bugs"][0]["steps_searched"] > 0 and not s["task_errors"]
+    assert any("not detected: noop" in f for f in s["verdict"]["failed"])
 
 
 def test_unknown_bug_name_is_a_usage_error(capsys):
