@@ -1,4 +1,15 @@
-"""Invariant pages for reviewers, generated from the registry (never committed: reports/.gitignore).
+"""Invariant pages for reviewers, generated from the registry.
+
+Two products. The committed reference, `docs/invariants.md`: every invariant's id, family,
+statement, predicate, Z3 encoding, the transitions its proof covers and the bugs it guards
+against, with nothing that depends on a run (no dates, no timings), so a test can demand that
+the file equals what the generator writes now (properties/test_docs.py):
+
+    python -m properties.docs --write docs/invariants.md     # regenerate
+    python -m properties.docs --check docs/invariants.md     # exit 1 when it is stale
+
+And a run's pages, with that run's figures (never committed: `refcache verify` writes them
+into its report folder):
 
 `python -m properties.docs [--out reports/invariants] [--proofs rows.json | --nodes N]
 [--campaign reports/out/summary.json] [--crosshair] [--replay]` writes `index.md` and
@@ -27,7 +38,7 @@ import z3
 from refcache import invariants as inv_mod
 
 from .encodings import ENCODINGS, LEMMAS
-from .registry import INVARIANTS, LEMMA_STATEMENTS, Invariant
+from .registry import BUGS, INVARIANTS, LEMMA_STATEMENTS, Invariant
 from .symbolic import Z3, fresh_state
 from .transitions import TRANSITIONS
 
@@ -212,6 +223,102 @@ def render_html(secs: list[dict], meta: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+REFERENCE = "docs/invariants.md"
+REGENERATE = f"python -m properties.docs --write {REFERENCE}"
+FAMILIES = {"Structure": "the shape of the radix tree", "Tiers": "which tier may hold what, and who pins it",
+            "Resources": "slots and the sizes kept about them",
+            "Transfers": "operations in flight and their pool transfers", "Data": "the bytes themselves"}
+
+
+def _para(text: str) -> str:
+    return " ".join(text.split())
+
+
+def reference_md() -> str:
+    """The committed invariant reference (docs/invariants.md): deterministic, from the registry,
+    the predicates, the encodings and the transitions, so it is stale exactly when they changed."""
+    by_family: dict[str, list[Invariant]] = {}
+    for inv in INVARIANTS.values():
+        by_family.setdefault(inv.group, []).append(inv)
+    md = ["# Invariant reference", "",
+          f"<!-- Generated from properties/ by `{REGENERATE}`. Do not edit by hand: "
+          "properties/test_docs.py fails when this file differs from what the generator writes. -->", "",
+          "Each invariant is declared once, in [`properties/registry.py`](../properties/registry.py): an id, a "
+          "statement, the Python predicate that `HiCache.check_invariants()` and every stateful machine run, and, "
+          "for structural invariants, a Z3 encoding that is proved inductive over every transition of the cache. "
+          f"This page is generated from those declarations (`{REGENERATE}`); the reasoning behind them is in "
+          "[design.md](design.md#invariants).", "",
+          "The figures of a particular run (proved for trees of up to N nodes, checked in K stateful steps) are "
+          "not here, because they depend on the run: `refcache verify` writes them into its report folder "
+          "(`invariants/index.md`).", "",
+          "| id | family | invariant | statement | Z3 |", "|---|---|---|---|---|"]
+    md += [f"| [{i.id}](#{i.id.lower()}) | {i.group} | {i.title} | {_para(i.statement)} | "
+           f"{'proved inductive' if i.structural else 'predicate only'} |" for i in INVARIANTS.values()]
+    for fam, invs in by_family.items():
+        md += ["", f"## {fam}", "", f"Invariants about {FAMILIES.get(fam, fam.lower())}."]
+        for inv in invs:
+            md += ["", _reference_section(inv)]
+    md += ["", "## Strengthening lemmas", "",
+           "Facts the code relies on, proved inductive together with the invariants (an invariant alone is often "
+           "not inductive: the proof needs these to rule out states the cache never reaches). Encoded in "
+           "[`properties/encodings.py`](../properties/encodings.py).", ""]
+    md += [f"- **{k}**: {v}" for k, v in LEMMA_STATEMENTS.items()]
+    md += ["", "## Transitions", "",
+           f"The {len(TRANSITIONS)} transitions of [`properties/transitions.py`](../properties/transitions.py), each "
+           "transcribed from the code in `refcache/`. For every structural invariant and every transition, "
+           "`python -m properties.prove` asks Z3 whether a state satisfying all invariants and lemmas can step to "
+           "one that breaks the invariant; *proved* means no such state exists among trees of up to N nodes.", "",
+           "| transition | the cache call | what it models |", "|---|---|---|"]
+    md += [f"| `{t.name}` | `{t.api}` | {t.doc.replace('|', '/')} |" for t in TRANSITIONS.values()]
+    md += ["", "## Bug catalogue", "",
+           "The bugs the registry records, with the invariants that catch each (seeded bugs are in "
+           "[`stateful_tests/seeded_bugs.py`](../stateful_tests/seeded_bugs.py); Z3 mutants in "
+           "`properties/transitions.py`).", "", "| bug | what goes wrong | caught by | seeded as | Z3 mutant |",
+           "|---|---|---|---|---|"]
+    md += [f"| {b.id} | {b.title} | {', '.join(b.invariants) or 'the model (no invariant)'} | "
+           f"{', '.join(f'`{x}`' for x in b.seeded) or '-'} | {f'`{b.z3_mutant}`' if b.z3_mutant else '-'} |"
+           for b in BUGS.values()]
+    return "\n".join(md) + "\n"
+
+
+def _reference_section(inv: Invariant) -> str:
+    pred = inv.predicate
+    md = [f"### {inv.id}", "", f"**{inv.id} — {inv.title}** ({inv.group})", "", f"**Statement.** {_para(inv.statement)}", "",
+          f"**Predicate.** [`refcache.invariants.{pred.__name__}`](../refcache/invariants.py): "
+          f"{_para(pred.__doc__ or '')}", ""]
+    if inv.z3 is not None:
+        zsrc, _ = _source_of(inv.z3)
+        md += [f"**Z3 encoding.** [`properties.encodings.{inv.z3.__name__}`](../properties/encodings.py): "
+               f"{_para(inv.z3.__doc__ or '')}", "", "```python", zsrc.rstrip(), "```", "",
+               "For one cache node (slot 1; slot 0 is the root) and one operation slot, Z3 sees:", "",
+               "```", z3_instance(inv.id), "```", "",
+               f"**Proof.** Inductive over each of the {len(TRANSITIONS)} transitions (see [Transitions](#transitions)), "
+               "together with the other invariants and the lemmas: `python -m properties.prove --nodes 6`.", ""]
+    else:
+        md += ["**Z3 encoding.** None: not structural (it is about liveness or bytes), so it is checked by its "
+               "predicate only.", ""]
+    checks = list(GENERAL_CHECKS)
+    if inv.structural:
+        checks.append("drift guard (`properties.drift.check_step`): concrete steps of the suite are checked against "
+                      "the same transition relation, so the encoding cannot drift from the code")
+    if inv.id == "S1":
+        checks.append("CrossHair (`properties.crosshair_checks`): chain hashes depend on the parent; key split, "
+                      "match length")
+    md += ["**Also checked by.**", ""] + [f"- {c}" for c in checks] + [""]
+    bugs = [f"{b.id}: {b.title}" + (f" (seeded as {', '.join(f'`{x}`' for x in b.seeded)})" if b.seeded else "")
+            + (f" (Z3 mutant `{b.z3_mutant}`)" if b.z3_mutant else "") + (f"; upstream: {b.upstream}" if b.upstream else "")
+            for b in inv.bugs]
+    md += ["**Bugs it catches.**", ""] + ([f"- {b}" for b in bugs] or ["- none recorded yet"])
+    return "\n".join(md)
+
+
+def write_reference(path: str | Path = REFERENCE) -> Path:
+    path = ROOT / path if not Path(path).is_absolute() else Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(reference_md())
+    return path
+
+
 def load_steps(path: str | Path | None) -> dict | None:
     """Stateful step counts from a campaign summary ({'clean': {'steps': K}}) or {'steps': K, 'invariants': {...}}."""
     if not path:
@@ -249,7 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--campaign", help="campaign summary JSON with the stateful step count")
     ap.add_argument("--crosshair", action="store_true", help="run CrossHair (about 30 s) and include its table")
     ap.add_argument("--replay", action="store_true", help="replay each seeded bug's counterexample and include it")
+    ap.add_argument("--write", metavar="PATH", help=f"write the committed reference (e.g. {REFERENCE}) and stop")
+    ap.add_argument("--check", metavar="PATH", help="exit 1 when the reference at PATH differs from what --write writes")
     a = ap.parse_args(argv)
+    if a.write:
+        print(f"wrote {write_reference(a.write)}")
+        return 0
+    if a.check:
+        path = ROOT / a.check if not Path(a.check).is_absolute() else Path(a.check)
+        if not path.exists() or path.read_text() != reference_md():
+            print(f"{a.check} is stale: run `python -m properties.docs --write {a.check}`")
+            return 1
+        print(f"{a.check} is up to date")
+        return 0
     proofs = None
     if a.proofs:
         proofs = json.loads(Path(a.proofs).read_text())
@@ -276,4 +395,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["generate", "sections", "checking_tests", "z3_instance", "inv_mod"]
+__all__ = ["generate", "sections", "checking_tests", "z3_instance", "inv_mod", "reference_md", "write_reference"]
