@@ -32,6 +32,7 @@ from .machine import ConformanceMachine, format_calls, machine_for, minimize, re
 from .targets import TargetSpec
 from .targets import refcache as refcache_targets
 from .targets import sglang as sglang_targets
+from .targets import vllm as vllm_targets
 from .targets.sglang import shim
 
 
@@ -47,7 +48,7 @@ def _merge(*registries: dict[str, TargetSpec]) -> dict[str, TargetSpec]:
 
 
 # One registry per engine folder under conformance/targets/; a new engine adds its TARGETS here.
-TARGETS: dict[str, TargetSpec] = _merge(refcache_targets.TARGETS, sglang_targets.TARGETS)
+TARGETS: dict[str, TargetSpec] = _merge(refcache_targets.TARGETS, sglang_targets.TARGETS, vllm_targets.TARGETS)
 
 
 def target_names() -> list[str]:

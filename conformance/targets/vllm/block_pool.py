@@ -1,0 +1,254 @@
+"""vLLM 0.33.0's GPU prefix cache (`KVCacheManager` over `BlockPool`, full attention) as a target.
+
+vLLM keeps no tree. A request's prompt is cut into blocks (block size = our page size); each full
+block is named by a hash chained over its parent's hash, and the pool maps hash -> block. A
+block in use has ref_cnt > 0; a freed block goes to the tail of an LRU free queue and *stays
+cached* until the pool hands it out again. So the mapping onto `models.abstract`:
+
+- page prefix p is on device  <=>  some block is cached under hash(p) (group 0);
+- p's lock count              =   the ref counts of its block(s): one per live request holding it;
+- alloc(tokens)   = a waiting request: `get_computed_blocks` (hit) + `allocate_slots(...,
+  delay_cache_blocks=True)`, which takes the hit blocks (ref +1) and pops new ones from the
+  free queue head, evicting whatever cached block it pops;
+- insert(tokens)  = the request's blocks are cached (`cache_blocks`) and it finishes (`free`);
+- match(tokens)   = `get_computed_blocks` (a lookup: it changes nothing, recency included);
+- lock / unlock   = a request holding the matched blocks (`allocate_slots` with no new tokens)
+  / that request finishing (`free`);
+- evict(n)        = allocation pressure: blocks popped from the free queue head until n tokens
+  of cached pages are gone, then returned unhashed (as an aborted request's blocks are).
+
+Contract differences (adapted in the mapping, written down in README.md here):
+- hits are capped by the caller: the engine asks for at most len(prompt) - 1 tokens (it must
+  recompute the last token for logits); the target asks for all of them, as the model does;
+- recency changes only when a request *releases* blocks, never on a lookup ("lru-recency" is
+  allowed: the spec's recency is not judged); the eviction order is judged instead against the
+  release order this driver records (`stamps`), which is what vLLM documents;
+- eviction is by block, not by leaf: a parent can be evicted before its child (the child is
+  then unreachable, and the model's prefix walk stops at the same place).
+
+Checks every step (`check`): each block's ref_cnt equals the live requests this driver holds
+on it; the free queue holds exactly the unreferenced non-null blocks, once each; every hash in
+the map names a block whose written contents are that hash's prefix (D1); no hash names two
+prefixes (chaining); the null block is never free or cached.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+
+from conformance.target import CORE_OPS, Inserted, Match, Target, TargetError, TargetInfo
+from models.abstract import Model, Page, Prefix
+
+from . import shim
+
+# The match-only recency difference (see the module docstring); test_vllm keeps it demonstrated.
+KNOWN = frozenset({"lru-recency"})
+_POOLING = types.SimpleNamespace(skip_reading_prefix_cache=False)  # a request needs sampling or pooling params
+
+
+@dataclass(eq=False)
+class Node:
+    """A match result: the device prefix it ended at."""
+
+    prefix: Prefix
+
+
+@dataclass(eq=False)
+class Held:
+    """A live request holding blocks: an allocation awaiting insert, or a caller lock."""
+
+    request: object
+    prefix: Prefix
+    block_ids: list[int]
+
+
+class VLLMPrefixCache(Target):
+    """`KVCacheManager` with prefix caching, one full-attention group, page 2, 8 usable blocks."""
+
+    def __init__(self, page_size: int = 2, device_tokens: int = 16):
+        shim.load()
+        from vllm.utils.hashing import sha256
+        from vllm.v1.core import kv_cache_utils as ku
+        from vllm.v1.core.kv_cache_manager import KVCacheManager
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.request import Request
+
+        self.ku, self.Request = ku, Request
+        ku.init_none_hash(sha256)
+        self.info = TargetInfo("vllm-prefix", page_size=page_size, device_tokens=device_tokens, ops=CORE_OPS,
+                               allow=KNOWN, notes="vLLM 0.33.0 KVCacheManager/BlockPool; see targets/vllm/README.md")
+        ps = page_size
+        spec = FullAttentionSpec(block_size=ps, num_kv_heads=1, head_size=1, dtype=torch.float32)
+        cfg = KVCacheConfig(num_blocks=device_tokens // ps + 1, kv_cache_tensors=[],
+                            kv_cache_groups=[KVCacheGroupSpec(["layer0"], spec)])
+        self.mgr = KVCacheManager(cfg, max_model_len=1024, scheduler_block_size=ps, hash_block_size=ps,
+                                  enable_caching=True)
+        self.pool = self.mgr.block_pool
+        self.hasher = ku.get_request_block_hasher(ps, sha256)
+        self.prefix_of: dict[bytes, Prefix] = {}  # block hash -> the page prefix it was computed for
+        self.hash_of: dict[Prefix, bytes] = {}
+        self.content: dict[int, Prefix] = {}  # block id -> the page prefix written into it (D1)
+        self.held: dict[str, Held] = {}
+        self.stamps: dict[Prefix, int] = {}  # page -> when a request last released it (vLLM's LRU contract)
+        self.clock = 0
+        self.errors: list[str] = []
+        self._n = 0
+
+    # ------------------------------------------------------------------ requests
+    def _request(self, tokens: list[int]):
+        self._n += 1
+        r = self.Request(f"r{self._n}", list(tokens), None, _POOLING, block_hasher=self.hasher)
+        ps = self.info.page_size
+        for i, h in enumerate(r.block_hashes):
+            p = tuple(tokens[: (i + 1) * ps])
+            old = self.prefix_of.setdefault(h, p)
+            if old != p:
+                self.errors.append(f"H1: one block hash names two prefixes: {old} and {p}")
+            self.hash_of.setdefault(p, h)
+        return r
+
+    def _hit(self, r) -> tuple[object, int]:
+        blocks, n, _ = self.mgr.get_computed_blocks(r, max_cache_hit_length=r.num_tokens)
+        return blocks, n
+
+    def _release(self, h: Held) -> None:
+        self.mgr.free(h.request)
+        del self.held[h.request.request_id]
+        self.clock += 1
+        for p in self._pages(h.prefix):
+            self.stamps[p] = self.clock
+
+    def _pages(self, tokens) -> list[Prefix]:
+        ps = self.info.page_size
+        return [tuple(tokens[: i + ps]) for i in range(0, len(tokens) - len(tokens) % ps, ps)]
+
+    def _block_ids(self, r) -> list[int]:
+        return list(self.mgr.get_block_ids(r.request_id)[0])
+
+    # -------------------------------------------------------------- the interface
+    def alloc(self, tokens):
+        r = self._request(tokens)
+        blocks, n = self._hit(r)
+        new = self.mgr.allocate_slots(r, len(tokens) - n, n, blocks, delay_cache_blocks=True)
+        if new is None:
+            self.mgr.free(r)
+            raise TargetError(f"allocate_slots: {len(tokens) - n} tokens needed, "
+                              f"{self.pool.get_num_free_blocks()} blocks free")
+        ids = self._block_ids(r)
+        pages = self._pages(tokens)
+        for i, b in enumerate(ids[n // self.info.page_size:], start=n // self.info.page_size):
+            self.content[b] = pages[i]  # the forward pass writes the new blocks
+        self.held[r.request_id] = Held(r, tuple(tokens), ids)
+        return r, n
+
+    def insert(self, tokens, kv):
+        r, n = kv
+        self.mgr.cache_blocks(r, len(tokens))
+        self._release(self.held[r.request_id])
+        return Inserted(n)
+
+    def match(self, tokens):
+        blocks, n = self._hit(self._request(tokens))
+        ps = self.info.page_size
+        slots = [b * ps + i for b in (blocks.get_block_ids()[0] if n else []) for i in range(ps)]
+        return Match(device_len=n, best_len=n, node=Node(tuple(tokens[:n])), device_indices=slots)
+
+    def data_ok(self, tokens, m) -> bool:
+        """D1: token slot i (block * page + offset) lies in a block written with tokens' page i // page."""
+        ps, pages = self.info.page_size, self._pages(tokens)
+        return all(self.content.get(s // ps) == pages[i // ps] for i, s in enumerate(m.device_indices))
+
+    def _cached(self, p: Prefix) -> list:
+        h = self.hash_of.get(p)
+        if h is None:
+            return []
+        got = self.pool.cached_block_hash_to_block._cache.get(self.ku.make_block_hash_with_group_id(h, 0))
+        return [] if got is None else (list(got.values()) if isinstance(got, dict) else [got])
+
+    def alive(self, node) -> bool:
+        return all(self._cached(p) for p in self._pages(node.prefix))
+
+    def node_prefix(self, node) -> Prefix:
+        return node.prefix
+
+    def lock(self, node):
+        if not node.prefix:
+            return Held(None, (), [])
+        r = self._request(node.prefix)
+        blocks, n = self._hit(r)
+        if n == 0:
+            return Held(None, (), [])
+        if self.mgr.allocate_slots(r, 0, n, blocks, delay_cache_blocks=True) is None:
+            raise AssertionError("allocate_slots refused a request that needs no new block")
+        h = Held(r, tuple(node.prefix[:n]), self._block_ids(r))
+        self.held[r.request_id] = h
+        return h
+
+    def locked_prefix(self, lock) -> Prefix:
+        return lock.prefix
+
+    def unlock(self, lock):
+        if lock.request is not None:
+            self._release(lock)
+
+    def evict(self, n):
+        before = {p for p in self.hash_of if self._cached(p)}
+        popped, lost = [], set()
+        while len(lost) * self.info.page_size < n and self.pool.get_num_free_blocks() > 0:
+            popped += self.pool.get_new_blocks(1)
+            lost = {p for p in before if not self._cached(p)}
+        for b in popped:
+            self.content.pop(b.block_id, None)
+        self.pool.free_blocks(popped)
+        return len(lost) * self.info.page_size
+
+    # -------------------------------------------------------------- abstraction
+    def abstract(self) -> Model:
+        m = Model(page_size=self.info.page_size, sidecar=None, window=0)
+        for p in self.hash_of:
+            blocks = self._cached(p)
+            if blocks:
+                m.pages[p] = Page(dev=True, host=False, lock=sum(b.ref_cnt for b in blocks),
+                                  stamp=self.stamps.get(p, 0))
+        return m
+
+    def check(self) -> list[str]:
+        v, self.errors = list(self.errors), []
+        pool = self.pool
+        want = {}
+        for h in self.held.values():
+            for b in h.block_ids:
+                want[b] = want.get(b, 0) + 1
+        for b in pool.blocks[1:]:
+            if b.ref_cnt != want.get(b.block_id, 0):
+                v.append(f"R1: block {b.block_id} ref_cnt={b.ref_cnt}, but {want.get(b.block_id, 0)} live requests hold it")
+        free = pool.free_block_queue.get_all_free_blocks()
+        ids = [b.block_id for b in free]
+        if len(set(ids)) != len(ids):
+            v.append(f"R1: a block is twice in the free queue: {ids}")
+        unref = {b.block_id for b in pool.blocks[1:] if b.ref_cnt == 0}
+        if set(ids) != unref:
+            v.append(f"R1: free queue {sorted(set(ids))} is not the unreferenced blocks {sorted(unref)}")
+        if len(ids) != pool.get_num_free_blocks():
+            v.append(f"R1: {len(ids)} blocks in the free queue, num_free_blocks says {pool.get_num_free_blocks()}")
+        if pool.null_block.block_id in ids or pool.null_block.block_hash is not None:
+            v.append("R1: the null block is free or cached")
+        for key, got in pool.cached_block_hash_to_block._cache.items():
+            blocks = list(got.values()) if isinstance(got, dict) else [got]
+            h = self.ku.get_block_hash(key)
+            p = self.prefix_of.get(h)
+            for b in blocks:
+                if b.block_hash != key:
+                    v.append(f"R1: block {b.block_id} is cached under a hash it does not carry")
+                if p is None or self.content.get(b.block_id) != p:
+                    v.append(f"D1: block {b.block_id} cached as {p} holds {self.content.get(b.block_id)}")
+        return v
+
+    def close(self) -> None:
+        for h in list(self.held.values()):
+            if h.request is not None:
+                self.mgr.free(h.request)
+        self.held.clear()

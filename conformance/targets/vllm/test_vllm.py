@@ -1,0 +1,92 @@
+"""The vLLM 0.33.0 targets: bounded runs against the abstract model, the mutants caught (and their
+minimized operations clean on the unpatched target), the contract differences kept demonstrated.
+Everything skips, with the reason, when vLLM 0.33.0 is not installed
+(`python -m conformance.targets.vllm.install`).
+
+Budget per target: CONFORMANCE_BUDGET_S seconds (default 4), seed 0.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+from conformance import runner
+from conformance.targets import vllm as vllm_targets
+from conformance.targets.vllm import mutants, shim
+
+pytestmark = pytest.mark.conformance
+BUDGET = float(os.environ.get("CONFORMANCE_BUDGET_S", "4"))
+NAMES = list(vllm_targets.TARGETS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_vllm():
+    why = shim.missing_reason()
+    if why:
+        pytest.skip(why)
+
+
+def test_registered_with_the_runner():
+    assert set(NAMES) <= set(runner.TARGETS)
+    assert all(runner.TARGETS[n].requires for n in NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vllm_target_agrees(name):
+    r = runner.run_target(name, BUDGET, seed=0)
+    assert r["steps"] > 0, r
+    assert r["violations"] == 0, r["failure_report"]
+
+
+@pytest.mark.parametrize("name", list(mutants.MUTANTS))
+def test_mutant_caught_and_clean_target_passes(name):
+    """The patched vLLM fails the machine with the bug's own signature; the operations it was
+    minimized to run clean on unpatched vLLM (the failure is the mutant's, not the mapping's)."""
+    r = mutants.run(name, budget_s=30, seed=0, shrink_s=3)
+    assert r["caught"], r.get("failure_report") or r
+    assert r["calls"], r
+    assert runner.replay_calls(r["target"], r["calls"]) is None
+
+
+# ------------------------------------------------------------------ contract differences
+LOOKUP_RECENCY = [("insert", [1, 1]), ("insert", [2, 2]), ("match", [1, 1]), ("evict", 1)]
+
+
+@pytest.mark.parametrize("name", ["refcache", "vllm-prefix", "vllm-offload-lru"])
+def test_lookup_does_not_refresh_recency(name):
+    """Contract difference: in vLLM a lookup (get_computed_blocks, or the offloading manager's
+    lookup) changes no recency; only a request that holds the blocks and finishes does. The spec
+    refreshes the matched path on match, so after insert A, insert B, match A, evict one page the
+    spec evicts B and vLLM evicts A. Judged here with the "lru-recency" allowance lifted."""
+    err = runner.replay_calls(name, LOOKUP_RECENCY, strict=True)
+    if name == "refcache":
+        assert err is None, err
+    else:
+        assert err is not None and "spec recency" in err and "(1, 1)" in err, f"vLLM now refreshes on lookup: {err}"
+
+
+def test_release_order_is_judged():
+    """Without the lookup, the release order decides: A released before B, so A goes first, as
+    the spec says too (the eviction-order check is live on these targets, not only allowed away)."""
+    calls = [("insert", [1, 1]), ("insert", [2, 2]), ("evict", 1)]
+    for name in ("vllm-prefix", "vllm-offload-lru", "vllm-offload-arc"):
+        assert runner.replay_calls(name, calls, strict=True) is None
+
+
+# ---------------------------------------------------------------------------------- shim
+def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv(shim.HOME_ENV, str(tmp_path))
+    why = shim.missing_reason()
+    assert "python -m conformance.targets.vllm.install" in why and str(tmp_path) in why
+
+
+def test_standins_only_for_vllm_files():
+    """A missing module imported by anything but vLLM's own files still fails."""
+    shim.load()
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("zmq_refcache_absent")
+    assert "vllm.v1.core.block_pool" in importlib.sys.modules
+    assert not getattr(importlib.sys.modules["vllm.v1.core.block_pool"], "__refcache_standin__", False)
