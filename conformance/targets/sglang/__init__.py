@@ -10,6 +10,7 @@ from __future__ import annotations
 from .. import TargetSpec
 
 _N, _O = "conformance.targets.sglang.v0_5_23", "conformance.targets.sglang.v0_5_17"
+_H = "conformance.targets.sglang.v0_5_23_hicache"
 V_NEW, V_OLD = "0.5.23", "0.5.17"
 
 TARGETS: dict[str, TargetSpec] = {
@@ -34,3 +35,14 @@ TARGETS: dict[str, TargetSpec] = {
                                  "SGLang HiMambaRadixCache 0.5.17 (write-through, direct IO), page 1; "
                                  "a GPU, or CPU stand-ins for pinning and copies", 1),
 }
+
+_POLICIES = {"write_through": "", "write_through_selective": "-selective", "write_back": "-write-back"}
+_CORES = {"python": "Python", "rust": "compiled Rust"}
+# SGLang 0.5.23's HiCache: UnifiedRadixCache + init_hicache (host tier, HybridCacheController), FULL only.
+TARGETS.update({
+    f"sglang-hicache-{core}{suffix}": TargetSpec(
+        f"{_H}:SGLangUniHiCache", V_NEW,
+        f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL), {label} tree core, {policy}, "
+        "direct IO, page 2; a GPU, or CPU stand-ins for pinning and copies", args=(core, policy))
+    for core, label in _CORES.items() for policy, suffix in _POLICIES.items()
+})

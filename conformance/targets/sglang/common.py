@@ -9,6 +9,9 @@ from models.abstract import Prefix
 V_NEW, V_MAMBA = "0.5.23", "0.5.17"
 # sglang 0.5.17 modules the HiCache targets need real, not stood in for; every 0.5.17 target asks for
 # them, so whichever target loads the version first, the others can share the process.
+# sglang 0.5.23 modules the HiCache targets need real (the unified cache imports the controller at
+# import time); every 0.5.23 target asks for them, so the targets of one version share a process.
+HICACHE_REAL = ("sglang.srt.managers.cache_controller",)
 HIMAMBA_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
 
 # Explained divergences, not judged in bounded runs (test_conformance.py keeps each one demonstrated):
@@ -92,6 +95,6 @@ def cpu_stand_ins() -> None:
 
     from . import kernels
 
-    phc._cuda_host_register = lambda buffer: None
+    phc._cuda_host_register = lambda *a, **k: None  # 0.5.23 passes a granularity too
     kernels.install(mha, mph)
 

@@ -19,13 +19,13 @@ from models.abstract import Model, Page, Prefix
 
 from ...target import Inserted, Match, SlotBook, Target, TargetError, TargetInfo
 from . import shim
-from .common import KNOWN, V_NEW, RadixNodes, _pages
+from .common import HICACHE_REAL, KNOWN, V_NEW, RadixNodes, _pages
 
 
 # ================================================================ RadixCache (0.5.23)
 class SGLangRadix(RadixNodes, Target):
     def __init__(self):
-        shim.load(V_NEW)
+        shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import radix_cache as r
 
@@ -104,7 +104,7 @@ class SGLangRadix(RadixNodes, Target):
 # ======================================================= UnifiedRadixCache (0.5.23)
 class SGLangUnified(Target):
     def __init__(self, core: str):
-        shim.load(V_NEW)
+        shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import cache_init_params as cip
         from sglang.srt.mem_cache import radix_cache as r

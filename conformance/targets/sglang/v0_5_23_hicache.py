@@ -1,0 +1,300 @@
+"""SGLang 0.5.23's HiCache: `UnifiedRadixCache` with `init_hicache` (device KV backed by a host
+tier through the `HybridCacheController`), Python or compiled Rust tree core, FULL component.
+
+Built the way a server builds it: real `ServerArgs` published to the runtime context, the real
+MHA device pool and paged allocator, the host pool and controller `init_hicache` assembles,
+io_backend "direct" with the page-first-direct host layout. Without CUDA, pinned-memory
+registration is skipped and the three copy kernels are torch stand-ins (`kernels.py`); the tree,
+controller, pools and their bookkeeping are SGLang's. Every operation is followed by the
+scheduler's per-step poll (`check_hicache_events`) until no write or load is in flight, so the
+machine sees settled states; the load-back threshold is 0 so small trees exercise the load path.
+
+Neither tree core exposes nodes in production builds, so the abstraction reads what the public
+tree-core interface offers: live node ids (probed with `collect_path_info`, ids are never
+re-minted), each node's span and device value, `is_backuped`, and `walk_for_kv_canary` for the
+locked/unlocked split. Token content comes from the KV itself: every slot's K (layer 0) holds an
+id of the prefix written there, so the device data (D1) is read, not assumed, also after a copy
+through the host tier. A host-only node's prefix is the one last read from its device data (or
+derived from a descendant's).
+"""
+
+from __future__ import annotations
+
+from array import array
+
+import torch
+
+from models.abstract import Model, Page, Prefix
+
+from ...target import CORE_OPS, Inserted, Match, Target, TargetError, TargetInfo
+from . import shim
+from .common import HICACHE_REAL, KNOWN, V_NEW, cpu_stand_ins
+
+POLICY_SUFFIX = {"write_through": "", "write_through_selective": "-selective", "write_back": "-write-back"}
+# Explained divergences for these targets (each kept demonstrated in test_hicache.py).
+KNOWN_HI = KNOWN
+
+
+class SGLangUniHiCache(Target):
+    """One `UnifiedRadixCache` with HiCache on. `core`: "python" | "rust"; `policy`: its
+    hicache_write_policy."""
+
+    DIGITS = 3  # prefix ids are written as 3 base-128 digits (exact in bf16)
+
+    def __init__(self, core: str = "python", policy: str = "write_through"):
+        shim.load(V_NEW, real=HICACHE_REAL)
+        from sglang.srt.mem_cache import base_prefix_cache as b
+        from sglang.srt.mem_cache import cache_init_params as cip
+        from sglang.srt.mem_cache import memory_pool as mp
+        from sglang.srt.mem_cache import radix_cache as r
+        from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+        from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+        from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+        self.b, self.r, self.FULL = b, r, ComponentType.FULL
+        self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
+        if dev == "cpu":
+            cpu_stand_ins()
+        ps, n = 2, 16
+        self.policy, self.core = policy, core
+        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}", page_size=ps,
+                               ops=CORE_OPS | {"load_back"}, device_tokens=n, host=True, sglang=V_NEW,
+                               exact_locks=False, stamps=False, allow=self.allowances(policy),
+                               notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
+        sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
+                        hicache_mem_layout="page_first_direct", hicache_write_policy=policy, hicache_ratio=1.5,
+                        device=dev)
+        set_global_server_args_for_scheduler(sa)
+        self.kv = mp.MHATokenToKVPool(size=n, page_size=ps, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
+                                      device=dev, enable_memory_saver=False)
+        self.alloc_ = PagedTokenToKVPoolAllocator(size=n, page_size=ps, dtype=torch.bfloat16, device=dev,
+                                                  kvcache=self.kv, need_sort=False)
+        params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
+                                     page_size=ps, tree_components=(ComponentType.FULL,), tree_core_backend=core)
+        self.cache = UnifiedRadixCache(params)
+        if self.cache._tree_core_backend != core:
+            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
+                                 f"instead of {core}")
+        self.cache.init_hicache(sa, params)
+        self.cache.load_back_threshold = 0
+        self.tc = self.cache.tree_core
+        self.root = self.tc.root_node_handle()
+        self.k0 = self.kv.get_key_buffer(0)
+        self.ids: dict[Prefix, int] = {}
+        self.prefixes: list[Prefix] = []
+        self.prefix_of: dict = {}  # match/lock handle -> the prefix the machine asked for
+        self.node_prefix_: dict[int, Prefix] = {}  # node id -> its full prefix, as last read
+        self.live: set[int] = set()
+        self.top = self.root  # highest node id probed so far
+
+    @staticmethod
+    def allowances(policy: str) -> frozenset:
+        return KNOWN_HI
+
+    # ----------------------------------------------------------------- data in the KV
+    def _id(self, prefix: Prefix) -> int:
+        if prefix not in self.ids:
+            self.ids[prefix] = len(self.prefixes) + 1
+            self.prefixes.append(prefix)
+        return self.ids[prefix]
+
+    def _write(self, slots: torch.Tensor, tokens: list[int]) -> None:
+        for i, s in enumerate(slots.tolist()):
+            x, row = self._id(tuple(tokens[: i + 1])), self.k0[s].view(-1)
+            for d in range(self.DIGITS):
+                row[d] = float(x % 128)
+                x //= 128
+
+    def _read(self, slot: int) -> Prefix | None:
+        row = self.k0[slot].view(-1)[: self.DIGITS].float().tolist()
+        x = sum(int(v) * 128**d for d, v in enumerate(row))
+        return self.prefixes[x - 1] if 0 < x <= len(self.prefixes) else None
+
+    # ----------------------------------------------------------------- driving
+    def _key(self, tokens):
+        return self.r.RadixKey(array("q", tokens))
+
+    def _settle(self) -> None:
+        c = self.cache
+        for _ in range(1000):
+            c.check_hicache_events()
+            cc = c.cache_controller
+            if not c.ongoing_write_through and not c.ongoing_load_back and not cc.write_queue and not cc.load_queue:
+                return
+            if self.dev == "cuda":
+                torch.cuda.synchronize()
+        raise AssertionError(f"operations never acknowledged: writes {list(c.ongoing_write_through)}, "
+                             f"loads {list(c.ongoing_load_back)}")
+
+    def alloc(self, tokens):
+        n = len(tokens)
+        if self.alloc_.available_size() < n:
+            self.cache.evict(self.b.EvictParams(num_tokens=n - self.alloc_.available_size()))
+            self._settle()
+        idx = self.alloc_.alloc(n)
+        if idx is None:
+            raise TargetError(f"{n} tokens needed, {self.alloc_.available_size()} free after eviction")
+        self._write(idx, tokens)
+        return idx
+
+    def insert(self, tokens, kv):
+        # The unified tree frees the duplicates of what it already holds itself.
+        res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv, track_adopted_ranges=True))
+        self._settle()
+        return Inserted(self.cached_len(res))
+
+    def cached_len(self, res) -> int:
+        """The spec's cached_len (leading tokens already on device) from an InsertResult.
+
+        Contract difference, mapped here: 0.5.23's prefix_len counts the matched host-only nodes
+        too, whose device KV the insert adopts from the request (listed in adopted_ranges); those
+        are a suffix of the matched path (a device node's parent is on device), so the device
+        prefix ends where the first adopted range starts."""
+        starts = [a for ranges in (res.adopted_ranges or {}).values() for a, _ in ranges]
+        return min([res.prefix_len, *starts])
+
+    def _end(self, node) -> int:
+        path = self.tc.collect_path_info([node])[0]
+        return path[-1].path_end if path else 0
+
+    def match(self, tokens):
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._settle()
+        node = m.last_device_node
+        self.prefix_of[node] = tuple(tokens[: m.device_prefix_len])
+        idx = self.tc.collect_full_device_indices(node, self.root).tolist()
+        return Match(device_len=m.device_prefix_len, best_len=self._end(m.best_match_node), node=node,
+                     device_indices=idx, last_host_len=self._end(m.last_host_node), host_hit=m.host_hit_length)
+
+    def data_ok(self, tokens, m) -> bool:
+        return [self._read(s) for s in m.device_indices] == [tuple(tokens[: i + 1]) for i in range(len(m.device_indices))]
+
+    def load_back(self, tokens) -> int | None:
+        """Match, then load `best_match_node` back as the scheduler does (load_back, then start the
+        loading, then poll); None when the cache declined. Returns the device match length after."""
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._settle()
+        if m.host_hit_length > 0:
+            got = self.cache.load_back(m.best_match_node)
+            self.cache.ready_to_load_host_cache()
+            self._settle()
+            if not got:
+                return None
+        return self.match(tokens).device_len
+
+    def alive(self, node) -> bool:
+        try:
+            self.tc.collect_path_info([node])
+            return True
+        except (KeyError, IndexError, RuntimeError, ValueError):
+            return False
+
+    def node_prefix(self, node) -> Prefix:
+        return self.prefix_of[node]
+
+    def lock(self, node):
+        return self.cache.lock(node)
+
+    def locked_prefix(self, lock) -> Prefix:
+        return self.prefix_of[lock.node]
+
+    def unlock(self, lock):
+        self.cache.unlock(lock)
+
+    def evict(self, n):
+        freed = self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
+        self._settle()
+        return freed
+
+    # ----------------------------------------------------------------- reading the tree
+    def _nodes(self) -> dict[int, tuple]:
+        """Every live node id -> its path (TreePathNodeInfo from the root down)."""
+        out = {}
+        for i in list(self.live):
+            if self.alive(i):
+                out[i] = self.tc.collect_path_info([i])[0]
+            else:
+                self.live.discard(i)
+        misses, i = 0, max(self.top, max(self.live, default=self.root))
+        while misses < 24:
+            i += 1
+            if self.alive(i):
+                out[i] = self.tc.collect_path_info([i])[0]
+                self.live.add(i)
+                self.top, misses = i, 0
+            else:
+                misses += 1
+        return out
+
+    def _prefixes(self, nodes: dict[int, tuple]) -> dict[int, Prefix]:
+        """Each node's prefix: from its device KV where it has some, else as last known, else cut
+        from a descendant's."""
+        for i, path in nodes.items():
+            v = self.tc.get_component_device_value(i, self.FULL)
+            if v is not None and len(v):
+                pre = self._read(int(v[-1]))
+                if pre is None or len(pre) != path[-1].path_end:
+                    raise AssertionError(f"D1: node {i} (ending at {path[-1].path_end}) holds slot {int(v[-1])} "
+                                         f"whose contents are {pre}")
+                self.node_prefix_[i] = pre
+        out = {i: self.node_prefix_[i] for i in nodes if i in self.node_prefix_}
+        for i, path in nodes.items():
+            if i in out:
+                for step in path[:-1]:
+                    out.setdefault(step.node_id, out[i][: step.path_end])
+        for i in nodes:
+            if i not in out:
+                raise AssertionError(f"node {i} ({nodes[i][-1]}): prefix unknown (no device data, none before)")
+            self.node_prefix_[i] = out[i]
+        return out
+
+    def _walk(self, unlocked_only: bool):
+        w = self.tc.walk_for_kv_canary(unlocked_only, False)
+        return list(zip(w.slot_indices.tolist(), w.positions.tolist(), w.prev_slot_indices.tolist(), strict=True))
+
+    def abstract(self) -> Model:
+        ps = self.info.page_size
+        m = Model(page_size=ps, sidecar=None, window=0)
+        nodes = self._nodes()
+        pre = self._prefixes(nodes)
+        unlocked = {s for s, _, _ in self._walk(True)}
+        for i, path in nodes.items():
+            info = path[-1]
+            v = self.tc.get_component_device_value(i, self.FULL)
+            dev = v is not None and len(v) > 0
+            locked = dev and any(int(s) not in unlocked for s in v.tolist())
+            host = bool(self.tc.is_backuped(i))
+            for end in range(info.path_start + ps, info.path_end + 1, ps):
+                m.pages[pre[i][:end]] = Page(dev=dev, host=host, lock=1 if locked else 0)
+        return m
+
+    def check(self) -> list[str]:
+        v = []
+        walk = self._walk(False)
+        for s, pos, prev in walk:
+            got = self._read(s)
+            if got is None or len(got) != pos + 1 or (pos > 0 and self._read(prev) != got[:-1]):
+                v.append(f"D1: slot {s} (position {pos}, after slot {prev}) holds {got}")
+        try:
+            self.cache.sanity_check()
+        except Exception as e:  # the target's own checker
+            v.append(f"sanity_check: {type(e).__name__}: {e}")
+        total = self.alloc_.size
+        if self.alloc_.available_size() + len(walk) != total:  # R1 on the device: every slot free or in the tree
+            v.append(f"R1: device pool of {total} slots: {self.alloc_.available_size()} free + {len(walk)} in the tree")
+        unlocked = len(self._walk(True))
+        got = (self.tc.full_evictable_size(), self.tc.full_protected_size())
+        if got != (unlocked, len(walk) - unlocked):
+            v.append(f"R2: evictable/protected sizes {got}, the tree's device slots sum to {(unlocked, len(walk) - unlocked)}")
+        host = self.cache.cache_controller.mem_pool_host
+        held = sum(p[-1].path_end - p[-1].path_start for i, p in self._nodes().items() if self.tc.is_backuped(i))
+        if held + host.available_size() != host.size:  # R1 on the host tier: no slot leaked or shared
+            v.append(f"R1: host pool of {host.size} slots: {host.available_size()} free + {held} held by the tree")
+        return v
+
+    def close(self) -> None:
+        import atexit
+
+        atexit.unregister(self.cache.shutdown)
+        self.cache.release_host_resources()
