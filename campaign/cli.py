@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="tree size bound for the Z3 proofs (default 6: all 522 in about 50 s of one core)")
     v.add_argument("--target", action="append", default=[], metavar="NAME",
                    help="also run the conformance machine against a target (repeatable; e.g. sglang-radix)")
+    v.add_argument("--cluster", metavar="ADDRESS",
+                   help="run the tasks on a Dask cluster: a scheduler address (tcp://host:8786) or local:N for N "
+                        "local worker processes; --jobs is then the cluster's thread count (needs the cluster extra)")
     v.add_argument("--no-proofs", action="store_true", help="skip the Z3 proofs")
     v.add_argument("--no-crosshair", action="store_true", help="skip the CrossHair checks")
     args = p.parse_args(argv)
@@ -68,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [t for t in args.target if t not in TARGETS]
         if unknown:
             p.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
+    from .cluster import ClusterError
     from .verify import verify
 
-    return verify(args.budget, args.out, args.seed, args.bugs, args.device, args.nodes,
-                  proofs=not args.no_proofs, crosshair=not args.no_crosshair, targets=args.target, jobs=args.jobs)
+    try:
+        return verify(args.budget, args.out, args.seed, args.bugs, args.device, args.nodes,
+                      proofs=not args.no_proofs, crosshair=not args.no_crosshair, targets=args.target, jobs=args.jobs,
+                      cluster=args.cluster)
+    except ClusterError as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -202,6 +202,7 @@ class BranchCoverage:
             notes.append("module-level lines NOT counted (the import under coverage timed out)")
         try:
             cov = coverage.Coverage(branch=True, source=[str(REFCACHE_DIR)], data_file=str(Path(self.data_dir) / ".coverage"))
+            cov.set_option("run:disable_warnings", ["no-data-collected"])
             cov.combine(data_paths=[self.data_dir], keep=False)
             cov.json_report(outfile=str(out / "coverage.json"))
             cov.html_report(directory=str(out / "coverage"), title="refcache: branch coverage of the clean exploration")
@@ -279,6 +280,10 @@ class Campaign:
     def add(self, task: tuple, res: dict | BaseException) -> str:
         """Merge one task's result; returns a line for the progress log (empty: nothing to say)."""
         fn, args = task[0], task[1:]
+        if isinstance(res, dict) and res.get("files"):
+            from .workers import write_files
+
+            write_files(self.out, res["files"])
         if isinstance(res, BaseException):
             what = f"{fn.__name__}{tuple(a for a in args if isinstance(a, (str, list)))[:2]}"
             self.task_errors.append(f"{what}: {type(res).__name__}: {res}")
@@ -321,7 +326,7 @@ class Campaign:
         return "".join(f"clean: VIOLATION on {f['machine']}: {f['invariant']}: {f['message']}" for f in c["failures"])
 
     # ------------------------------------------------------------- clean slices
-    def next_clean(self, deadline: float, min_slice: float = 1.0) -> tuple | None:
+    def next_clean(self, deadline: float, min_slice: float = 1.0, slice_s: float | None = None) -> tuple | None:
         """The next machine's slice, or None when the time is up. Every machine gets a turn in
         each round, however short the budget: a bug only one component mix or write policy
         reaches is otherwise never looked for."""
@@ -333,12 +338,13 @@ class Campaign:
         names = list(MACHINES)
         name = names[self.clean_turn % len(names)]
         left_in_round = len(names) - self.clean_turn % len(names)
-        slice_s = min(SLICE_S, max(min_slice, left * max(1, self.jobs) / left_in_round), left)
+        if slice_s is None:
+            slice_s = min(SLICE_S, max(min_slice, left * max(1, self.jobs) / left_in_round), left)
         turn, self.clean_turn = self.clean_turn, self.clean_turn + 1
         cov_dir = self.meter.data_dir if self.meter is not None else None
         share = self.meter.share if self.meter is not None else 0.0
-        return (workers.task_clean, name, self.seed * 1000 + turn, deadline, slice_s, str(self.out), str(turn),
-                self.device, cov_dir, share)
+        return (workers.task_clean, name, self.seed * 1000 + turn, deadline, slice_s, str(turn), self.device,
+                cov_dir, share)
 
     @property
     def clean_steps(self) -> int:
@@ -360,21 +366,24 @@ class Campaign:
 
 
 def explore_clean(budget: float, seed: int, progress: Progress, out: Path,
-                  coverage_share: float = COVERAGE_SHARE, jobs: int = 1) -> tuple[dict, list[dict]]:
+                  coverage_share: float = COVERAGE_SHARE, jobs: int = 1, pool=None) -> tuple[dict, list[dict]]:
     """Every machine on the clean cache, in turns; any failure is a violation with a report.
-    The first dict also carries the coverage evidence (events, rules, branches) under "coverage"."""
+    The first dict also carries the coverage evidence (events, rules, branches) under "coverage".
+    `pool`: workers already started (kept running), else `jobs` new ones for this call."""
     from . import workers
 
     meter, why_not = _branch_coverage(coverage_share)
     camp = Campaign(out, seed, "cpu", jobs, meter)
     deadline = time.time() + budget
-    pool = workers.make_pool(jobs)
+    own = pool is None
+    pool = workers.make_pool(jobs) if own else pool
     try:
         workers.run_tasks(pool, jobs, [], lambda: camp.next_clean(deadline),
                           lambda t, r: _log_line(progress, camp.add(t, r)),
                           lambda n: progress(f"clean: {camp.clean_steps} steps, {len(camp.failures)} violations"))
     finally:
-        pool.shutdown()
+        if own:
+            pool.shutdown()
     total = camp.clean_steps
     progress(f"clean: {total} model-checked steps over {len(MACHINES)} machines, {len(camp.failures)} violations", done=True)
     evidence = camp.coverage(why_not, progress)
@@ -438,7 +447,8 @@ def plan_fixed(camp: Campaign, t0: float, budget: float, bugs: list[str], nodes:
                targets: list[str]) -> list[tuple]:
     """The tasks that are not clean exploration, longest-first, each with its deadline (wall clock).
     Proofs may use up to 60 % of the budget, CrossHair 10 % (it spends what it is given), the
-    hunts until 85 %; clean exploration takes every worker that is free, and all of them after."""
+    hunts until 85 %; one round of clean exploration goes before the hunts, and after them clean
+    exploration takes every worker that is free."""
     from properties.transitions import TRANSITIONS
 
     from . import workers
@@ -450,9 +460,12 @@ def plan_fixed(camp: Campaign, t0: float, budget: float, bugs: list[str], nodes:
         tasks += [(workers.task_proofs, [t], nodes, t0 + 0.6 * budget) for t in order]
     if crosshair:
         tasks.append((workers.task_crosshair, t0 + min(0.1 * budget, 60.0) + 1.0))
-    tasks += [(workers.task_conformance, t, t0 + 0.5 * budget, camp.seed, str(camp.out)) for t in targets]
-    tasks += [(workers.task_hunt, b, 0.5 * budget, t0 + 0.85 * budget, camp.seed, str(camp.out), camp.device)
-              for b in bugs]
+    # one round of clean exploration before the hunts: however long they take, every machine is
+    # explored on the clean cache at least once
+    first = max(2.0, 0.02 * budget)
+    tasks += [t for _ in MACHINES if (t := camp.next_clean(t0 + budget, min_slice=first, slice_s=first)) is not None]
+    tasks += [(workers.task_conformance, t, t0 + 0.5 * budget, camp.seed) for t in targets]
+    tasks += [(workers.task_hunt, b, 0.5 * budget, t0 + 0.85 * budget, camp.seed, camp.device) for b in bugs]
     return tasks
 
 
@@ -465,20 +478,33 @@ _PROOF_WEIGHT = {"poll_release": 7.2, "poll_ack": 6.3, "backup_fail": 4.9, "casc
 
 def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "cpu", nodes: int = 6,
            proofs: bool = True, crosshair: bool = True, targets: list[str] | None = None,
-           log: Callable[[str], None] = print, coverage_share: float = COVERAGE_SHARE, jobs: int = 1) -> int:
+           log: Callable[[str], None] = print, coverage_share: float = COVERAGE_SHARE, jobs: int = 1,
+           cluster: str | None = None) -> int:
     """Run the campaign; write summary.json, summary.md, index.html and the reports; return the
-    verdict's exit status (0 PASS, 1 FAIL, 3 INCOMPLETE)."""
+    verdict's exit status (0 PASS, 1 FAIL, 3 INCOMPLETE). With `cluster` (a Dask scheduler
+    address, or local:N) the tasks run on its workers and `jobs` is their thread count."""
     from . import workers
 
-    out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(deadline=time.monotonic() + budget)
     t_start, t0 = time.monotonic(), time.time()
+    where = f"{jobs} local worker process{'es' if jobs > 1 else ''}" if jobs > 1 else "this process"
+    if cluster is not None:
+        from .cluster import connect
+
+        c = connect(cluster)  # ClusterError: the caller reports it; nothing has run
+        pool, jobs, where = c.executor, c.jobs, c.where
+        if not cluster.startswith("local:"):  # coverage data files live on the workers' disks
+            coverage_share = 0.0
+    else:
+        pool = workers.make_pool(jobs)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start, t0 = time.monotonic(), time.time()  # the budget starts once the pool is there
+    progress = Progress(deadline=time.monotonic() + budget)
     targets = targets or []
     meter, why_not = _branch_coverage(coverage_share)
     camp = Campaign(out, seed, device, jobs, meter)
     fixed = plan_fixed(camp, t0, budget, bugs, nodes, proofs, crosshair, targets)
     n_proof_tasks = sum(t[0] is workers.task_proofs for t in fixed)
-    progress(f"{jobs} worker{'s' if jobs > 1 else ''}: {n_proof_tasks} proof tasks (N={nodes})"
+    progress(f"{where}: {n_proof_tasks} proof tasks (N={nodes})"
              f"{', CrossHair' if crosshair else ''}, {len(bugs)} seeded bugs, {len(targets)} targets, "
              "then clean exploration", done=True)
     proofs_reported = False
@@ -499,11 +525,10 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
                  f"{len(bugs) - len(camp.bugs)} to go; clean {camp.clean_steps} steps, {len(camp.failures)} violations")
 
     deadline = t0 + budget
-    pool = workers.make_pool(jobs)
     try:
         workers.run_tasks(pool, jobs, fixed, lambda: camp.next_clean(deadline), on_done, tick)
     finally:
-        pool.shutdown()
+        c.close() if cluster is not None else pool.shutdown()
     progress(f"clean: {camp.clean_steps} model-checked steps over {len(MACHINES)} machines, "
              f"{len(camp.failures)} violations", done=True)
     coverage = camp.coverage(why_not, progress)
@@ -521,7 +546,8 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
 
         rank = {t: k for k, t in enumerate(TRANSITIONS)}
         camp.proofs.sort(key=lambda r: rank.get(r["transition"], len(rank)))
-    summary: dict = {"budget_s": budget, "seed": seed, "device": device, "jobs": jobs, "bugs_requested": bugs,
+    summary: dict = {"budget_s": budget, "seed": seed, "device": device, "jobs": jobs, "where": where,
+                     "bugs_requested": bugs,
                      "proofs": camp.proofs, "crosshair": camp.crosshair, "bugs": rows, "conformance": camp.conformance,
                      "clean": {"steps": camp.clean_steps, "violations": len(camp.failures)}, "machines": camp.machines,
                      "coverage": coverage, "clean_failures": camp.failures, "task_errors": camp.task_errors}
@@ -549,7 +575,7 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
     proved = sum(p["status"] == "proved" for p in summary["proofs"])
     log(f"[verify] clean: {camp.clean_steps} steps, {len(camp.failures)} violations; proofs: {proved}/"
         f"{len(summary['proofs'])} proved (N={nodes}); bugs detected: {len(detected)}/{len(rows)}; rare events never "
-        f"reached: {', '.join(coverage['never_reached']) or 'none'}; {jobs} worker{'s' if jobs > 1 else ''}, "
+        f"reached: {', '.join(coverage['never_reached']) or 'none'}; {where}, "
         f"{summary['verdict']['elapsed_s']} s; reports in {out}/index.html")
     for line in failed:
         log(f"[verify] FAILED: {line}")

@@ -7,9 +7,10 @@ it runs the same in this process (`--jobs 1`) or in a worker process; the parent
 dicts. Deadlines are wall-clock times (`time.time()`), the one clock all processes share: a task
 that waited in the queue gets only what is left of its phase.
 
-Reports of failures are written by the task that found them, into the same folder, with names
-that cannot collide (the task's own number), so a failure found on any worker lands in the
-same report with the same repro files.
+A task writes its failure reports into a scratch folder of its own and returns their text with
+its result (`files`); the parent writes them under the run's report folder. So a failure found
+on any worker, in this process, in another process or on another machine of a Dask cluster,
+lands in the same report with the same repro files, and no worker needs the parent's disk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +41,20 @@ def _quiet(*_a: Any, **_k: Any) -> None:
     """A worker's progress goes nowhere: the parent prints one line for all of them."""
 
 
+def _files(folder: str) -> dict[str, str]:
+    """Every file under `folder`, by relative path: the reports a task wrote, to travel back."""
+    root = Path(folder)
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_files(out: Path, files: dict[str, str]) -> None:
+    """Land a task's reports under the run's folder."""
+    for rel, text in files.items():
+        path = out / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 # ---------------------------------------------------------------------------------- tasks
 def task_proofs(transitions: list[str], nodes: int, deadline: float) -> dict:
     """Z3: every invariant inductive over `transitions`, for trees up to `nodes` nodes."""
@@ -54,22 +70,26 @@ def task_crosshair(deadline: float) -> dict:
     return {"crosshair": run_crosshair(max(5.0, _left(deadline)), _quiet)}
 
 
-def task_hunt(name: str, cap_s: float, deadline: float, seed: int, out: str, device: str) -> dict:
+def task_hunt(name: str, cap_s: float, deadline: float, seed: int, device: str) -> dict:
     """One seeded bug: hunt it on its machines until detected, shrink, minimize, report."""
     os.environ["REFCACHE_DEVICE"] = device
     from .verify import hunt_bug
 
     budget = min(cap_s, _left(deadline))
-    return {"bug": hunt_bug(name, max(1.0, budget), seed, _quiet, Path(out))}
+    with tempfile.TemporaryDirectory(prefix="refcache-task-") as tmp:
+        row = hunt_bug(name, max(1.0, budget), seed, _quiet, Path(tmp))
+        return {"bug": row, "files": _files(tmp)}
 
 
-def task_conformance(name: str, deadline: float, seed: int, out: str) -> dict:
+def task_conformance(name: str, deadline: float, seed: int) -> dict:
     from .verify import run_conformance
 
-    return {"conformance": run_conformance(name, _left(deadline), seed, _quiet, Path(out))}
+    with tempfile.TemporaryDirectory(prefix="refcache-task-") as tmp:
+        row = run_conformance(name, _left(deadline), seed, _quiet, Path(tmp))
+        return {"conformance": row, "files": _files(tmp)}
 
 
-def task_clean(machine: str, seed: int, deadline: float, slice_s: float, out: str, stem: str, device: str,
+def task_clean(machine: str, seed: int, deadline: float, slice_s: float, stem: str, device: str,
                coverage_dir: str | None, coverage_share: float) -> dict:
     """One machine's slice of clean exploration: its steps, any violation (with a report), the
     rare events and rules it reached, and, when asked, branch coverage of the first share of
@@ -90,6 +110,7 @@ def task_clean(machine: str, seed: int, deadline: float, slice_s: float, out: st
 
         cov = coverage.Coverage(branch=True, source=[str(REFCACHE_DIR)],
                                 data_file=str(Path(coverage_dir) / ".coverage"), data_suffix=True)
+        cov.set_option("run:disable_warnings", ["no-data-collected"])  # a short slice may collect nothing
         cov.start()
         try:
             runs.append(hunt(machine, seed, slice_s * coverage_share, SHRINK_S, max_examples=5))
@@ -102,11 +123,22 @@ def task_clean(machine: str, seed: int, deadline: float, slice_s: float, out: st
             runs.append(hunt(machine, seed + 500_000, rest, SHRINK_S, max_examples=5))
     else:
         runs.append(hunt(machine, seed, slice_s, SHRINK_S, max_examples=5))
-    failures = [report_violation(h, Path(out), f"{stem}_{i}") for i, h in enumerate(runs) if h.found]
-    return {"clean": {"machine": machine, "steps": sum(h.steps_run for h in runs),
+    with tempfile.TemporaryDirectory(prefix="refcache-task-") as tmp:
+        failures = [report_violation(h, Path(tmp), f"{stem}_{i}") for i, h in enumerate(runs) if h.found]
+        files = _files(tmp)
+    return {"files": files, "clean": {"machine": machine, "steps": sum(h.steps_run for h in runs),
                       "seconds": sum(h.seconds for h in runs), "failures": failures,
                       "events": dict(events.REACHED), "rules": {m: dict(c) for m, c in events.RULES.items()},
                       "detector_errors": dict(events.ERRORS), "measured": measured}}
+
+
+def task_warm_up(hold_s: float) -> dict:
+    """Import what every task needs, then hold the worker a moment so each worker gets one."""
+    import campaign.verify  # noqa: F401 - the import is the point
+    import stateful_tests.machines  # noqa: F401
+
+    time.sleep(hold_s)
+    return {"warm": os.getpid()}
 
 
 # ----------------------------------------------------------------------------------- pool
