@@ -66,24 +66,46 @@ class Held:
 
 
 class VLLMPrefixCache(Target):
-    """`KVCacheManager` with prefix caching, one full-attention group, page 2, 8 usable blocks."""
+    """`KVCacheManager` with prefix caching, page 2: one full-attention group (8 usable blocks),
+    or ("swa") a full-attention group and a sliding-window group of window 4 tokens sharing one
+    pool of 12 usable blocks (the hybrid coordinator).
 
-    def __init__(self, page_size: int = 2, device_tokens: int = 16):
+    Full + SWA (`vllm-prefix-swa`): page p's SWA flag is "a block of the SWA group is cached under
+    hash(p)"; the model's window is vLLM's sliding_window - 1 tokens (the tokens before a hit
+    position that the hit must hold). One more contract difference: when p's full KV is cached but
+    not the SWA window ending at p, vLLM's usable hit stops earlier, it recomputes the rest and caches
+    a second block under p's hash (BlockHashToBlockMap NOTE #1), where the model's insert finds p
+    already on device. `insert` reports as cached the pages vLLM's hit covered plus those it filed
+    as duplicates of an already cached block (read from its hash map after `cache_blocks`)."""
+
+    SWA_WINDOW = 4
+
+    def __init__(self, attention: str = "full", page_size: int = 2, device_tokens: int | None = None):
         shim.load()
         from vllm.utils.hashing import sha256
         from vllm.v1.core import kv_cache_utils as ku
         from vllm.v1.core.kv_cache_manager import KVCacheManager
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
         from vllm.v1.request import Request
 
         self.ku, self.Request = ku, Request
         ku.init_none_hash(sha256)
-        self.info = TargetInfo("vllm-prefix", page_size=page_size, device_tokens=device_tokens, ops=CORE_OPS,
-                               allow=KNOWN, notes="vLLM 0.33.0 KVCacheManager/BlockPool; see targets/vllm/README.md")
+        if attention not in ("full", "swa"):
+            raise ValueError(f"attention {attention!r}: 'full' or 'swa'")
+        swa = attention == "swa"
+        device_tokens = device_tokens or (24 if swa else 16)
+        self.info = TargetInfo("vllm-prefix" + ("-swa" if swa else ""), page_size=page_size,
+                               device_tokens=device_tokens, ops=CORE_OPS, sidecar="swa" if swa else None, allow=KNOWN,
+                               notes="vLLM 0.33.0 KVCacheManager/BlockPool; see targets/vllm/README.md")
         ps = page_size
-        spec = FullAttentionSpec(block_size=ps, num_kv_heads=1, head_size=1, dtype=torch.float32)
-        cfg = KVCacheConfig(num_blocks=device_tokens // ps + 1, kv_cache_tensors=[],
-                            kv_cache_groups=[KVCacheGroupSpec(["layer0"], spec)])
+        full = FullAttentionSpec(block_size=ps, num_kv_heads=1, head_size=1, dtype=torch.float32)
+        groups = [KVCacheGroupSpec(["layer0"], full)]
+        if swa:
+            groups.append(KVCacheGroupSpec(["layer1"], SlidingWindowSpec(
+                block_size=ps, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=self.SWA_WINDOW)))
+        self.groups = len(groups)
+        self.window = self.SWA_WINDOW - 1 if swa else 0
+        cfg = KVCacheConfig(num_blocks=device_tokens // ps + 1, kv_cache_tensors=[], kv_cache_groups=groups)
         self.mgr = KVCacheManager(cfg, max_model_len=1024, scheduler_block_size=ps, hash_block_size=ps,
                                   enable_caching=True)
         self.pool = self.mgr.block_pool
@@ -125,8 +147,9 @@ class VLLMPrefixCache(Target):
         ps = self.info.page_size
         return [tuple(tokens[: i + ps]) for i in range(0, len(tokens) - len(tokens) % ps, ps)]
 
-    def _block_ids(self, r) -> list[int]:
-        return list(self.mgr.get_block_ids(r.request_id)[0])
+    def _block_ids(self, r) -> list[list[int]]:
+        """The request's blocks per group (null blocks as 0)."""
+        return [list(g) for g in self.mgr.get_block_ids(r.request_id)]
 
     # -------------------------------------------------------------- the interface
     def alloc(self, tokens):
@@ -139,16 +162,24 @@ class VLLMPrefixCache(Target):
                               f"{self.pool.get_num_free_blocks()} blocks free")
         ids = self._block_ids(r)
         pages = self._pages(tokens)
-        for i, b in enumerate(ids[n // self.info.page_size:], start=n // self.info.page_size):
-            self.content[b] = pages[i]  # the forward pass writes the new blocks
-        self.held[r.request_id] = Held(r, tuple(tokens), ids)
+        for g in ids:
+            for i, b in enumerate(g[n // self.info.page_size:], start=n // self.info.page_size):
+                if b != 0:
+                    self.content[b] = pages[i]  # the forward pass writes the new blocks
+        self.held[r.request_id] = Held(r, tuple(tokens), [b for g in ids for b in g if b != 0])
         return r, n
 
     def insert(self, tokens, kv):
         r, n = kv
         self.mgr.cache_blocks(r, len(tokens))
+        ps, cached = self.info.page_size, n
+        if self.groups > 1:  # pages past the hit that vLLM filed beside an already cached block of that hash
+            for p in self._pages(tokens)[n // ps:]:
+                if len(self._cached(p)) < 2:
+                    break
+                cached += ps
         self._release(self.held[r.request_id])
-        return Inserted(n)
+        return Inserted(cached)
 
     def match(self, tokens):
         blocks, n = self._hit(self._request(tokens))
@@ -161,15 +192,17 @@ class VLLMPrefixCache(Target):
         ps, pages = self.info.page_size, self._pages(tokens)
         return all(self.content.get(s // ps) == pages[i // ps] for i, s in enumerate(m.device_indices))
 
-    def _cached(self, p: Prefix) -> list:
+    def _cached(self, p: Prefix, group: int = 0) -> list:
         h = self.hash_of.get(p)
         if h is None:
             return []
-        got = self.pool.cached_block_hash_to_block._cache.get(self.ku.make_block_hash_with_group_id(h, 0))
+        got = self.pool.cached_block_hash_to_block._cache.get(self.ku.make_block_hash_with_group_id(h, group))
         return [] if got is None else (list(got.values()) if isinstance(got, dict) else [got])
 
     def alive(self, node) -> bool:
-        return all(self._cached(p) for p in self._pages(node.prefix))
+        """A match result stays lockable while vLLM would still hit all of it (with SWA: its
+        window too); vLLM can hold nothing else, having no nodes."""
+        return not node.prefix or self._hit(self._request(node.prefix))[1] == len(node.prefix)
 
     def node_prefix(self, node) -> Prefix:
         return node.prefix
@@ -183,7 +216,7 @@ class VLLMPrefixCache(Target):
             return Held(None, (), [])
         if self.mgr.allocate_slots(r, 0, n, blocks, delay_cache_blocks=True) is None:
             raise AssertionError("allocate_slots refused a request that needs no new block")
-        h = Held(r, tuple(node.prefix[:n]), self._block_ids(r))
+        h = Held(r, tuple(node.prefix[:n]), [b for g in self._block_ids(r) for b in g if b != 0])
         self.held[r.request_id] = h
         return h
 
@@ -207,11 +240,12 @@ class VLLMPrefixCache(Target):
 
     # -------------------------------------------------------------- abstraction
     def abstract(self) -> Model:
-        m = Model(page_size=self.info.page_size, sidecar=None, window=0)
+        m = Model(page_size=self.info.page_size, sidecar=self.info.sidecar, window=self.window)
         for p in self.hash_of:
             blocks = self._cached(p)
-            if blocks:
-                m.pages[p] = Page(dev=True, host=False, lock=sum(b.ref_cnt for b in blocks),
+            swa = self.groups > 1 and bool(self._cached(p, 1))
+            if blocks or swa:
+                m.pages[p] = Page(dev=bool(blocks), host=False, swa=swa, lock=sum(b.ref_cnt for b in blocks),
                                   stamp=self.stamps.get(p, 0))
         return m
 

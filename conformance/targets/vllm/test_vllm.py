@@ -76,6 +76,30 @@ def test_release_order_is_judged():
         assert runner.replay_calls(name, calls, strict=True) is None
 
 
+SWA_DUP = [("insert", [1] * 6), ("insert", [1] * 6), ("evict", 1), ("insert", [1] * 6)]
+
+
+def test_swa_duplicates_full_blocks():
+    """Contract difference (hybrid full + SWA): once a page's sliding-window block is evicted but
+    its full-attention block is not, vLLM's usable hit stops short, it recomputes, and files a
+    second full block under the same hash; the model's insert counts those pages as cached. The
+    target reports them as cached (the machine agrees); here the duplicates are shown directly."""
+    from conformance.targets.vllm.block_pool import VLLMPrefixCache
+
+    t = VLLMPrefixCache("swa")
+    for op, arg in SWA_DUP[:3]:
+        if op == "insert":
+            t.insert(arg, t.alloc(arg))
+        else:
+            t.evict(arg * t.info.page_size)
+    kv = t.alloc(SWA_DUP[3][1])
+    got = t.insert(SWA_DUP[3][1], kv)
+    assert kv[1] < got.cached_len, (kv, got)  # vLLM's own hit is shorter than what was cached
+    assert len(t._cached((1, 1))) == 2  # two blocks under one hash
+    assert t.check() == []
+    assert runner.replay_calls("vllm-prefix-swa", SWA_DUP, strict=True) is None
+
+
 # ---------------------------------------------------------------------------------- shim
 def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv(shim.HOME_ENV, str(tmp_path))
