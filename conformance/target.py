@@ -1,4 +1,6 @@
-"""The target interface: what the conformance machine drives, for refcache and for SGLang's caches.
+"""The target interface: what the conformance machine drives, for refcache, SGLang's and vLLM's
+caches, and yours. Public and stable (exported by `conformance`; docs/adapter.md says what each
+operation must mean and walks through a complete adapter).
 
 A target is one prefix cache behind a small, uniform surface. It declares what it supports
 (`TargetInfo`): operations beyond the core four, the sidecar component, whether its lock counts
@@ -63,6 +65,9 @@ class Match:
 
 @dataclass
 class Inserted:
+    """What insert did: `cached_len` leading tokens were already on the device (their slots stay
+    the caller's); `mamba_used` whether the tree took the mamba slot."""
+
     cached_len: int
     mamba_used: bool | None = None  # None: no mamba component
 
@@ -86,24 +91,28 @@ class Target(ABC):
         """Insert `tokens` with the slots from `alloc`; free what the tree did not take."""
 
     @abstractmethod
-    def match(self, tokens: list[int]) -> Match: ...
+    def match(self, tokens: list[int]) -> Match:
+        """The longest cached prefix of `tokens`; makes the pages it used the most recently used."""
 
     @abstractmethod
     def alive(self, node: Any) -> bool:
         """Whether `node` (a handle from `match`) is still attached to the tree."""
 
     @abstractmethod
-    def node_prefix(self, node: Any) -> Prefix: ...
+    def node_prefix(self, node: Any) -> Prefix:
+        """The token prefix `node` ends (() for the root), unchanged by splits."""
 
     @abstractmethod
     def lock(self, node: Any) -> Any:
         """Lock `node`'s path; returns the handle to pass to `unlock`."""
 
     @abstractmethod
-    def locked_prefix(self, lock: Any) -> Prefix: ...
+    def locked_prefix(self, lock: Any) -> Prefix:
+        """The prefix a `lock` handle actually locked (() when it locked nothing)."""
 
     @abstractmethod
-    def unlock(self, lock: Any) -> None: ...
+    def unlock(self, lock: Any) -> None:
+        """Release one lock taken by `lock`: one less on every page of the locked path."""
 
     @abstractmethod
     def evict(self, n_tokens: int) -> int:
