@@ -11,7 +11,7 @@ V_NEW, V_MAMBA = "0.5.23", "0.5.17"
 # them, so whichever target loads the version first, the others can share the process.
 # sglang 0.5.23 modules the HiCache targets need real (the unified cache imports the controller at
 # import time); every 0.5.23 target asks for them, so the targets of one version share a process.
-HICACHE_REAL = ("sglang.srt.managers.cache_controller",)
+HICACHE_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
 HIMAMBA_REAL = ("sglang.srt.managers.cache_controller", "sglang.srt.configs.mamba_utils")
 
 # Explained divergences, not judged in bounded runs (test_conformance.py keeps each one demonstrated):
@@ -97,4 +97,9 @@ def cpu_stand_ins() -> None:
 
     phc._cuda_host_register = lambda *a, **k: None  # 0.5.23 passes a granularity too
     kernels.install(mha, mph)
+    try:  # 0.5.23's mamba host pool imports the same copies (under CUDA only)
+        import sglang.srt.mem_cache.pool_host.mamba as mamba_host
+    except ImportError:
+        return
+    kernels.install(mamba_host)
 

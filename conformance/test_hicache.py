@@ -1,0 +1,84 @@
+"""SGLang 0.5.23 HiCache targets: the differences found between them and the spec, each minimized
+and kept here (the bounded agreement runs are in test_conformance.py, parametrized over every
+registered target). Each case runs in a fresh process (one process holds one sglang version)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conformance import runner
+
+pytestmark = pytest.mark.conformance
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _skip_unless_installed() -> None:
+    why = runner.unavailable_reason("sglang-hicache-python")
+    if why:
+        pytest.skip(why)
+
+
+def run_fresh(code: str, timeout: float = 300) -> dict:
+    """Run `code` (which prints one JSON line last) in a fresh interpreter that imports this project."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert lines, f"child failed (rc {p.returncode}): {p.stderr[-3000:]}"
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("core", ["python", "rust"])
+def test_insert_prefix_len_counts_host_only_nodes(core):
+    """Contract difference (mapped by the adapter, `SGLangUniHiCache.cached_len`): re-inserting a
+    prefix whose nodes are host-only returns prefix_len = the whole match, although the insert adopts
+    the request's fresh KV for them (adopted_ranges); the spec's cached_len counts device tokens only."""
+    _skip_unless_installed()
+    r = run_fresh(f"""
+import json
+from conformance.targets.sglang.v0_5_23_hicache import SGLangUniHiCache
+t = SGLangUniHiCache({core!r})
+t.insert([1, 1, 1, 1], t.alloc([1, 1, 1, 1]))
+t.evict(2)
+res = t.cache.insert(t.b.InsertParams(key=t._key([1, 1, 1, 1]), value=t.alloc([1, 1, 1, 1]), track_adopted_ranges=True))
+print(json.dumps({{"prefix_len": res.prefix_len, "cached_len": t.cached_len(res), "checks": t.check()}}))
+""")
+    assert (r["prefix_len"], r["cached_len"], r["checks"]) == (4, 0, []), r
+
+
+def test_mamba_last_host_node_is_best_match_node():
+    """Contract difference (the FULL+MAMBA adapter does not compare last_host): with HiCache on,
+    last_host_node is best_match_node, the deepest node every component accepts; after inserting
+    [2,1,1,1,2] a match of [2,1] has KV for 2 tokens but a mamba state only at the end of the insert,
+    so last_host_node is the root (0 tokens) where the spec's last_host is 2."""
+    _skip_unless_installed()
+    r = run_fresh("""
+import json
+from conformance.targets.sglang.v0_5_23_hicache import SGLangUniHiMamba
+t = SGLangUniHiMamba()
+t.insert([2, 1, 1, 1, 2], t.alloc([2, 1, 1, 1, 2]))
+m = t.cache.match_prefix(t.b.MatchPrefixParams(key=t._key([2, 1])))
+print(json.dumps({"same": m.last_host_node == m.best_match_node, "last_host": t._end(m.last_host_node),
+                  "model": t.abstract().predict_match([2, 1])[1]}))
+""")
+    assert r == {"same": True, "last_host": 0, "model": 2}, r
+
+
+def test_mamba_write_back_backs_up_the_state_on_eviction():
+    """Gap in our model (why sglang-hicache-mamba-write-back is not registered): under write-back an
+    eviction backs the mamba state up with the KV; the machine lets a host target gain host KV on any
+    step but a host mamba state only where it inserts or loads. Minimized: insert [1,1]; evict(1)."""
+    _skip_unless_installed()
+    r = run_fresh("""
+import json
+from conformance.machine import machine_for, replay
+from conformance.targets.sglang.v0_5_23_hicache import SGLangUniHiMamba
+err = replay(machine_for(lambda: SGLangUniHiMamba("write_back"), "m"), [("insert", [1, 1]), ("evict", 1)])
+print(json.dumps({"error": None if err is None else str(err)}))
+""")
+    assert r["error"] is not None and "(1, 1): gained mamba_host" in r["error"], \
+        f"the model now allows it: register sglang-hicache-mamba-write-back ({r})"
