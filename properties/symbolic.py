@@ -166,6 +166,9 @@ def eq(x, j):
 
 
 # ---------------------------------------------------------------------------------- state
+_OWN = frozenset({"N", "M", "n", "o", "on", "cfg", "memo"})
+
+
 @dataclass
 class State:
     N: int
@@ -175,6 +178,13 @@ class State:
     on: dict  # op x node field -> list over ops of lists over slots
     cfg: dict  # side, W, wb
     memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # every field of the parts as a plain attribute: the drift check reads millions of them,
+        # and __getattr__'s search through four dicts was most of its time (n wins, as there)
+        d = self.__dict__
+        for part in (self.cfg, self.on, self.o, self.n):
+            d.update((k, v) for k, v in part.items() if k not in _OWN)
 
     def __getattr__(self, name):
         d = self.__dict__
