@@ -76,7 +76,14 @@ class VLLMPrefixCache(Target):
     not the SWA window ending at p, vLLM's usable hit stops earlier, it recomputes the rest and caches
     a second block under p's hash (BlockHashToBlockMap NOTE #1), where the model's insert finds p
     already on device. `insert` reports as cached the pages vLLM's hit covered plus those it filed
-    as duplicates of an already cached block (read from its hash map after `cache_blocks`)."""
+    as duplicates of an already cached block (read from its hash map after `cache_blocks`).
+
+    Full + mamba (`vllm-prefix-mamba`, mamba_cache_mode "align"): page p's mamba flag is "a block
+    of the mamba group is cached under hash(p)" (the state after exactly p). The same difference
+    applies to states: past a shorter usable hit vLLM recomputes and files a second state block
+    under the end page's hash even when one is cached, where the model reuses it. `insert`
+    reports mamba_used as the model means it (the end page gained a state it lacked), so that
+    decision is not judged independently on vLLM; that the end holds a state afterwards is."""
 
     SWA_WINDOW = 4
 
@@ -85,24 +92,33 @@ class VLLMPrefixCache(Target):
         from vllm.utils.hashing import sha256
         from vllm.v1.core import kv_cache_utils as ku
         from vllm.v1.core.kv_cache_manager import KVCacheManager
-        from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+        from vllm.v1.kv_cache_interface import (
+            FullAttentionSpec,
+            KVCacheConfig,
+            KVCacheGroupSpec,
+            MambaSpec,
+            SlidingWindowSpec,
+        )
         from vllm.v1.request import Request
 
         self.ku, self.Request = ku, Request
         ku.init_none_hash(sha256)
-        if attention not in ("full", "swa"):
-            raise ValueError(f"attention {attention!r}: 'full' or 'swa'")
-        swa = attention == "swa"
-        device_tokens = device_tokens or (24 if swa else 16)
-        self.info = TargetInfo("vllm-prefix" + ("-swa" if swa else ""), page_size=page_size,
-                               device_tokens=device_tokens, ops=CORE_OPS, sidecar="swa" if swa else None, allow=KNOWN,
-                               notes="vLLM 0.33.0 KVCacheManager/BlockPool; see targets/vllm/README.md")
+        if attention not in ("full", "swa", "mamba"):
+            raise ValueError(f"attention {attention!r}: 'full', 'swa' or 'mamba'")
+        swa, mamba = attention == "swa", attention == "mamba"
+        device_tokens = device_tokens or (16 if attention == "full" else 24)
+        self.info = TargetInfo("vllm-prefix" + ("" if attention == "full" else "-" + attention), page_size=page_size,
+                               device_tokens=device_tokens, ops=CORE_OPS, sidecar=None if attention == "full" else attention,
+                               allow=KNOWN, notes="vLLM 0.33.0 KVCacheManager/BlockPool; see targets/vllm/README.md")
         ps = page_size
         full = FullAttentionSpec(block_size=ps, num_kv_heads=1, head_size=1, dtype=torch.float32)
         groups = [KVCacheGroupSpec(["layer0"], full)]
         if swa:
             groups.append(KVCacheGroupSpec(["layer1"], SlidingWindowSpec(
                 block_size=ps, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=self.SWA_WINDOW)))
+        if mamba:
+            groups.append(KVCacheGroupSpec(["layer1"], MambaSpec(block_size=ps, shapes=((8,),), dtypes=(torch.float32,),
+                                                                 mamba_cache_mode="align")))
         self.groups = len(groups)
         self.window = self.SWA_WINDOW - 1 if swa else 0
         cfg = KVCacheConfig(num_blocks=device_tokens // ps + 1, kv_cache_tensors=[], kv_cache_groups=groups)
@@ -153,6 +169,7 @@ class VLLMPrefixCache(Target):
 
     # -------------------------------------------------------------- the interface
     def alloc(self, tokens):
+        self.mgr.new_step_starts()  # each operation is one scheduler step
         r = self._request(tokens)
         blocks, n = self._hit(r)
         new = self.mgr.allocate_slots(r, len(tokens) - n, n, blocks, delay_cache_blocks=True)
@@ -171,6 +188,8 @@ class VLLMPrefixCache(Target):
 
     def insert(self, tokens, kv):
         r, n = kv
+        end = self._pages(tokens)[-1]
+        had = {b.block_id for b in self._cached(end, 1)} if self.info.sidecar == "mamba" else set()
         self.mgr.cache_blocks(r, len(tokens))
         ps, cached = self.info.page_size, n
         if self.groups > 1:  # pages past the hit that vLLM filed beside an already cached block of that hash
@@ -179,6 +198,8 @@ class VLLMPrefixCache(Target):
                     break
                 cached += ps
         self._release(self.held[r.request_id])
+        if self.info.sidecar == "mamba":  # the end page gained a state it lacked (see the class docstring)
+            return Inserted(cached, mamba_used=not had and bool(self._cached(end, 1)))
         return Inserted(cached)
 
     def match(self, tokens):
@@ -210,6 +231,7 @@ class VLLMPrefixCache(Target):
     def lock(self, node):
         if not node.prefix:
             return Held(None, (), [])
+        self.mgr.new_step_starts()
         r = self._request(node.prefix)
         blocks, n = self._hit(r)
         if n == 0:
@@ -243,9 +265,10 @@ class VLLMPrefixCache(Target):
         m = Model(page_size=self.info.page_size, sidecar=self.info.sidecar, window=self.window)
         for p in self.hash_of:
             blocks = self._cached(p)
-            swa = self.groups > 1 and bool(self._cached(p, 1))
-            if blocks or swa:
-                m.pages[p] = Page(dev=bool(blocks), host=False, swa=swa, lock=sum(b.ref_cnt for b in blocks),
+            side = self.groups > 1 and bool(self._cached(p, 1))
+            if blocks or side:
+                m.pages[p] = Page(dev=bool(blocks), host=False, swa=side and self.info.sidecar == "swa",
+                                  mamba=side and self.info.sidecar == "mamba", lock=sum(b.ref_cnt for b in blocks),
                                   stamp=self.stamps.get(p, 0))
         return m
 

@@ -100,6 +100,24 @@ def test_swa_duplicates_full_blocks():
     assert runner.replay_calls("vllm-prefix-swa", SWA_DUP, strict=True) is None
 
 
+def test_mamba_duplicates_state_blocks():
+    """Contract difference (hybrid full + mamba, align mode): the end page's full block evicted,
+    its state kept; a re-insert hits nothing usable, recomputes, and files a second state block
+    under the end page's hash, where the model reuses the cached state (no new slot)."""
+    from conformance.targets.vllm.block_pool import VLLMPrefixCache
+
+    t = VLLMPrefixCache("mamba")
+    tokens = [1, 1, 1, 1]
+    t.insert(tokens, t.alloc(tokens))
+    assert t.evict(t.info.page_size) == t.info.page_size
+    assert {p: (g.dev, g.mamba) for p, g in t.abstract().pages.items()} == {(1, 1): (True, False),
+                                                                          (1, 1, 1, 1): (False, True)}
+    kv = t.alloc(tokens)
+    got = t.insert(tokens, kv)
+    assert kv[1] == 0 and got.cached_len == 2 and got.mamba_used is False
+    assert len(t._cached((1, 1, 1, 1), 1)) == 2 and t.check() == []
+
+
 # ---------------------------------------------------------------------------------- shim
 def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setenv(shim.HOME_ENV, str(tmp_path))
