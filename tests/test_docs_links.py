@@ -87,3 +87,23 @@ def test_worked_adapter_in_the_doc_is_the_shipped_code():
     block = md.split(marker, 1)[1].split("\n```\n", 1)[0] + "\n"
     assert block == (ROOT / "conformance" / "examples" / "dict_cache.py").read_text(), \
         "docs/adapter.md's copy of dict_cache.py differs from the file: paste the file in again"
+
+
+def test_report_doc_states_the_verdicts_exit_codes():
+    """docs/reading-a-report.md's table of verdicts says what `refcache verify` exits with."""
+    from campaign.verify import EXIT
+
+    md = (ROOT / "docs" / "reading-a-report.md").read_text()
+    for verdict, code in EXIT.items():
+        assert f"| `{verdict}` | {code} |" in md, f"reading-a-report.md: {verdict} should exit {code}"
+    assert "| (usage error) | 2 |" in md
+
+
+def test_design_doc_classifies_every_seeded_bug():
+    """Every seeded bug appears in design.md's table of bug classes (a new one must be placed)."""
+    from stateful_tests.seeded_bugs import SEEDED_BUGS
+
+    md = (ROOT / "docs" / "design.md").read_text()
+    table = md.split("## Bug classes and the seeded bugs", 1)[1]
+    missing = [name for name in SEEDED_BUGS if f"`{name}`" not in table]
+    assert not missing, f"docs/design.md does not place these seeded bugs in a bug class: {missing}"
