@@ -50,7 +50,7 @@ class ConformanceItem(pytest.Item):
     def repr_failure(self, excinfo, style=None):  # noqa: ANN001 - pytest's signature
         if isinstance(excinfo.value, ConformanceFailure):
             return str(excinfo.value)
-        if isinstance(excinfo.value, (TypeError, ValueError)) and "target " in str(excinfo.value):
+        if isinstance(excinfo.value, (TypeError, ValueError)) and str(excinfo.value).startswith("target "):
             return f"refcache conformance: cannot use the target: {excinfo.value}"  # a bad path or adapter
         return super().repr_failure(excinfo, style)
 
