@@ -227,3 +227,64 @@ def test_copy_kv_is_asynchronous_and_stream_ordered():
     assert not done.query()
     done.synchronize()
     assert torch.equal(bits(d.read_pages(ds)), bits(h.read_pages(hs)))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["d2h", "h2d"])
+def test_large_pages_with_cpu_page_lists_go_to_the_copy_engine(direction, monkeypatch):
+    """`copy_pages` with no mechanism named uses `dma` for host<->device copies of large pages
+    whose page lists are both on the CPU, the kernel otherwise (GPU-resident lists are never read
+    back), and the result is the reference copy."""
+    import refcache.kernels as K
+
+    L, H, D, ps = 4, 2, 16, 8
+    gen = torch.Generator().manual_seed(11)
+    devp = layer_first(L, H, D, 11 * ps, torch.bfloat16, "cuda")
+    hostp = page_first(L, H, D, ps, 13, torch.bfloat16, "cpu", pin=True)
+    src, dst = (devp, hostp) if direction == "d2h" else (hostp, devp)
+    src_pf, dst_pf = direction == "h2d", direction == "d2h"
+    sg, dg = PageGeometry.of(src, ps, src_pf), PageGeometry.of(dst, ps, dst_pf)
+    sp, dp = page_lists("scattered", sg.num_pages(src), dg.num_pages(dst), random.Random(5))
+    cpu_s, cpu_d = torch.tensor(sp), torch.tensor(dp)
+    base = "kernel" if triton_available() else "copy_engine"
+    assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d) == base  # small pages: not worth a DMA each
+    monkeypatch.setattr(K, "DMA_MIN_PAGE_BYTES", 1)
+    monkeypatch.setattr(K, "DMA_MIN_RUN_BYTES", 1)
+    if base == "kernel":
+        assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d) == "dma"
+        assert K.select_mechanism(src, sg, cpu_s.cuda(), dst, dg, cpu_d) == "kernel"
+        assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d.cuda()) == "kernel"
+        assert K.select_mechanism(devp, PageGeometry.of(devp, ps, False), cpu_s, devp.clone(),
+                                  PageGeometry.of(devp, ps, False), cpu_d) == "kernel"  # within the GPU
+    src.copy_(random_bits(src.shape, src.dtype, "cpu", gen))
+    dst.fill_(float("nan"))
+    want = reference(src, src_pf, dst, dst_pf, ps, sp, dp)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        copy_pages(src, sg, cpu_s, dst, dg, cpu_d)
+    side.synchronize()
+    assert torch.equal(bits(dst), bits(want))
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("mechanism", ["dma", "dma_batch"])
+def test_copy_engine_mechanisms_on_the_default_stream(mechanism):
+    """On the legacy default stream (which cudaMemcpyBatchAsync refuses) both copy-engine
+    mechanisms still produce the reference copy, and leave no CUDA error behind for torch."""
+    L, H, D, ps = 3, 2, 8, 4
+    gen = torch.Generator().manual_seed(12)
+    src = layer_first(L, H, D, 11 * ps, torch.float16, "cuda")
+    dst = page_first(L, H, D, ps, 13, torch.float16, "cpu", pin=True)
+    src.copy_(random_bits(src.shape, src.dtype, "cpu", gen))
+    dst.fill_(float("nan"))
+    sg, dg = PageGeometry.of(src, ps, False), PageGeometry.of(dst, ps, True)
+    sp, dp = page_lists("scattered", sg.num_pages(src), dg.num_pages(dst), random.Random(6))
+    want = reference(src, False, dst, True, ps, sp, dp)
+    copy_pages(src, sg, torch.tensor(sp), dst, dg, torch.tensor(dp), mechanism)
+    torch.cuda.synchronize()
+    assert torch.equal(bits(dst), bits(want))
+    torch.zeros(4, device="cuda").add_(1)  # a torch launch after it: no stale error surfaces
+    torch.cuda.synchronize()

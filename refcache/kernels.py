@@ -6,10 +6,20 @@ fit that description (`PageGeometry.of`): the layer-first device pool [L, 2, slo
 page-first host pool [pages, L, 2, page_size, H, D]. A transfer of n pages is then n * rows
 independent runs, whatever the two layouts are.
 
-Mechanisms (measured in benchmarks/bench_transfer.py; `copy_pages` picks `default_mechanism`):
-- `kernel`: one Triton launch; each program moves one tile of one run. Pinned host memory is
-  read and written through its device pointer (UVA), so a scattered batch needs no staging and
-  no per-page launch. Asynchronous on the current CUDA stream.
+Mechanisms (measured in benchmarks/bench_transfer.py and benchmarks/RESULTS.md; `copy_pages`
+picks one with `select_mechanism`):
+- `kernel`: one Triton launch; each program moves `KernelShape.runs` consecutive runs (one tile
+  of each). Pinned host memory is read and written through its device pointer (UVA), so a
+  scattered batch needs no staging and no per-page launch. Asynchronous on the current CUDA
+  stream. On an H200 over PCIe 5 it reaches ~0.95 of a contiguous pinned copy, whatever the
+  launch shape: SM loads and stores across PCIe top out there.
+- `dma`: one cudaMemcpy2DAsync per page (the copy engine, no staging); 0.97-0.99 of the
+  contiguous copy for pages of 8 MiB (64 tokens here), worse than the kernel for small pages
+  (a gap of a few microseconds per copy). Needs the page numbers on the CPU: chosen by default
+  only when both page lists are CPU tensors and pages are large (`DMA_MIN_PAGE_BYTES`,
+  `DMA_MIN_RUN_BYTES`). Asynchronous on the current stream.
+- `dma_batch`: the kernel gathers (or scatters) the device side through a page-first staging
+  buffer, one cudaMemcpyBatchAsync moves the host pages. Asynchronous on the current stream.
 - `copy_engine`: gather on the GPU into a staging buffer, then one DMA copy per run of
   consecutive host pages (and the reverse for loads). Asynchronous on the current stream.
 - `torch`: advanced indexing on [pages, rows, row_elems] views. The CPU path (and CUDA without Triton); synchronous
@@ -24,10 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-MECHANISMS = ("kernel", "copy_engine", "torch")
+MECHANISMS = ("kernel", "copy_engine", "dma", "dma_batch", "torch")
 
 _WORDS = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
-_BLOCK_BYTES = 8192  # bytes one Triton program moves; 16 B per thread and access, 4 warps
+_BLOCK_BYTES = 8192  # bytes of one run one Triton program moves at most; 16 B per thread and access
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,25 @@ def default_mechanism(src: torch.Tensor, dst: torch.Tensor) -> str:
     return "kernel" if triton_available() else "copy_engine"
 
 
+DMA_MIN_PAGE_BYTES = 4 << 20  # one 2D copy per page pays off from here (measured: 8 MiB yes, 2 MiB no)
+DMA_MIN_RUN_BYTES = 64 << 10
+
+
+def select_mechanism(src: torch.Tensor, src_geom: PageGeometry, src_pages: torch.Tensor,
+                     dst: torch.Tensor, dst_geom: PageGeometry, dst_pages: torch.Tensor) -> str:
+    """What `copy_pages` uses when no mechanism is named: `default_mechanism`, except that a
+    host<->device copy of large pages whose page lists are both on the CPU goes to `dma` (the
+    copy engine needs the addresses on the CPU; reading GPU-resident lists back would block)."""
+    mech = default_mechanism(src, dst)
+    if mech != "kernel" or src.is_cuda == dst.is_cuda or src_pages.is_cuda or dst_pages.is_cuda:
+        return mech
+    es = src.element_size()
+    run = src_geom.row_elems * es
+    if run >= DMA_MIN_RUN_BYTES and run * src_geom.rows >= DMA_MIN_PAGE_BYTES and _dma_available():
+        return "dma"
+    return mech
+
+
 def copy_pages(src: torch.Tensor, src_geom: PageGeometry, src_pages: torch.Tensor,
                dst: torch.Tensor, dst_geom: PageGeometry, dst_pages: torch.Tensor,
                mechanism: str | None = None) -> None:
@@ -103,11 +132,15 @@ def copy_pages(src: torch.Tensor, src_geom: PageGeometry, src_pages: torch.Tenso
         raise ValueError(f"{src_pages.numel()} source pages but {dst_pages.numel()} destination pages")
     if src_pages.numel() == 0:
         return
-    mechanism = mechanism or default_mechanism(src, dst)
+    mechanism = mechanism or select_mechanism(src, src_geom, src_pages, dst, dst_geom, dst_pages)
     if mechanism == "kernel":
         _copy_triton(src, src_geom, src_pages, dst, dst_geom, dst_pages)
     elif mechanism == "copy_engine":
         _copy_engine(src, src_geom, src_pages, dst, dst_geom, dst_pages)
+    elif mechanism == "dma":
+        _copy_dma(src, src_geom, src_pages, dst, dst_geom, dst_pages)
+    elif mechanism == "dma_batch":
+        _copy_dma_batch(src, src_geom, src_pages, dst, dst_geom, dst_pages)
     elif mechanism == "torch":
         _copy_torch(src, src_geom, src_pages, dst, dst_geom, dst_pages)
     else:
@@ -156,6 +189,133 @@ def _copy_engine(src, sg, sp, dst, dg, dp) -> None:
         dg.paged_view(dst).index_copy_(0, dp.to(dev, torch.int64), staging)
 
 
+# -------------------------------------------------------------------------- dma (copy engine)
+@functools.cache
+def _cudart():
+    """The CUDA runtime torch loaded (ctypes), with the copy calls typed."""
+    import ctypes
+
+    torch.cuda.init()
+    lib = None
+    for name in ("libcudart.so.13", "libcudart.so.12", "libcudart.so"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    if lib is None:  # not on the loader path: the copy torch mapped
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f if "libcudart.so" in ln})
+        if not paths:
+            raise RuntimeError("libcudart is not loaded")
+        lib = ctypes.CDLL(paths[0])
+    P, S = ctypes.c_void_p, ctypes.c_size_t
+    lib.cudaMemcpy2DAsync.argtypes = [P, S, P, S, S, S, ctypes.c_int, P]
+    lib.cudaMemcpy2DAsync.restype = ctypes.c_int
+    lib.cudaMemcpyAsync.argtypes = [P, P, S, ctypes.c_int, P]
+    lib.cudaMemcpyAsync.restype = ctypes.c_int
+    lib.cudaGetLastError.restype = ctypes.c_int
+    if hasattr(lib, "cudaMemcpyBatchAsync"):
+        lib.cudaMemcpyBatchAsync.argtypes = [P, P, P, S, P, P, S, P]
+        lib.cudaMemcpyBatchAsync.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def _dma_available() -> bool:
+    try:
+        _cudart()
+    except (OSError, RuntimeError, AttributeError):
+        return False
+    return True
+
+
+def _cuda_check(err: int, what: str) -> None:
+    if err:
+        _cudart().cudaGetLastError()  # the runtime keeps the error as the last one: torch would report it next
+        raise RuntimeError(f"{what} failed: cudaError {err}")
+
+
+_CUDA_MEMCPY_DEFAULT = 4
+
+
+def _copy_dma(src, sg, sp, dst, dg, dp) -> None:
+    """One cudaMemcpy2DAsync per page (rows x run bytes, each side at its own pitch): the copy
+    engine with no staging. Page lists on the GPU are read back first (a synchronization)."""
+    lib = _cudart()
+    es = src.element_size()
+    dev = src.device if src.is_cuda else dst.device
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    width, height = sg.row_elems * es, sg.rows
+    spitch, dpitch = max(sg.row_stride * es, width), max(dg.row_stride * es, width)
+    sps, dps = sg.page_stride * es, dg.page_stride * es
+    sbase, dbase = src.data_ptr(), dst.data_ptr()
+    for a, b in zip(sp.tolist(), dp.tolist(), strict=True):
+        _cuda_check(lib.cudaMemcpy2DAsync(dbase + b * dps, dpitch, sbase + a * sps, spitch, width, height,
+                                          _CUDA_MEMCPY_DEFAULT, stream), "cudaMemcpy2DAsync")
+
+
+def _memcpy_batch(dsts, srcs, nbytes: int, src_on_device: bool, device: int, stream: int) -> None:
+    """cudaMemcpyBatchAsync of equal-sized copies (CUDA 12.8+), stream-ordered."""
+    import ctypes
+
+    import numpy as np
+
+    lib = _cudart()
+    if stream == 0 or not hasattr(lib, "cudaMemcpyBatchAsync"):
+        # the batch call refuses the legacy default stream (and needs CUDA 12.8+): one copy per page
+        for dd, ss in zip(dsts.tolist(), srcs.tolist(), strict=True):
+            _cuda_check(lib.cudaMemcpyAsync(dd, ss, nbytes, _CUDA_MEMCPY_DEFAULT, stream), "cudaMemcpyAsync")
+        return
+
+    class Loc(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+    class Attrs(ctypes.Structure):
+        _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", Loc), ("dstLocHint", Loc),
+                    ("flags", ctypes.c_uint)]
+
+    dev_loc, host_loc = Loc(1, device), Loc(2, 0)
+    attrs = Attrs(1, dev_loc if src_on_device else host_loc, host_loc if src_on_device else dev_loc, 0)
+    idx = (ctypes.c_size_t * 1)(0)
+    d = np.ascontiguousarray(dsts, dtype=np.uint64)
+    s = np.ascontiguousarray(srcs, dtype=np.uint64)
+    sizes = np.full(len(d), nbytes, dtype=np.uint64)
+    _cuda_check(lib.cudaMemcpyBatchAsync(d.ctypes.data, s.ctypes.data, sizes.ctypes.data, len(d),
+                                         ctypes.byref(attrs), idx, 1, stream), "cudaMemcpyBatchAsync")
+
+
+def _copy_dma_batch(src, sg, sp, dst, dg, dp) -> None:
+    """Device side gathered into (or scattered from) a page-first staging buffer by the kernel,
+    host pages moved by one cudaMemcpyBatchAsync (one copy per page). Needs a page-first host."""
+    if src.is_cuda and dst.is_cuda:
+        return _copy_torch(src, sg, sp, dst, dg, dp)
+    to_host = src.is_cuda
+    dev = src.device if to_host else dst.device
+    hg, hpages = (dg, dp) if to_host else (sg, sp)
+    if hg.page_stride != hg.rows * hg.row_elems or hg.row_stride != hg.row_elems:
+        raise ValueError("dma_batch needs a page-first host pool")
+    n = sp.numel()
+    staging = torch.empty((n, sg.rows, sg.row_elems), dtype=src.dtype, device=dev)
+    stg, sgeom = staging, PageGeometry(sg.rows, sg.row_elems, sg.rows * sg.row_elems, sg.row_elems)
+    ar = torch.arange(n, dtype=torch.int64, device=dev)
+    es = src.element_size()
+    page_bytes = hg.page_stride * es
+    host = dst if to_host else src
+    hp = hpages.cpu().numpy().astype("uint64")
+    hosts = host.data_ptr() + hp * page_bytes  # uint64 throughout
+    import numpy as np
+
+    stages = stg.data_ptr() + np.arange(n, dtype=np.uint64) * np.uint64(page_bytes)
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    if to_host:
+        _copy_triton(src, sg, sp, stg, sgeom, ar)
+        _memcpy_batch(hosts, stages, page_bytes, True, dev.index or 0, stream)
+    else:
+        _memcpy_batch(stages, hosts, page_bytes, False, dev.index or 0, stream)
+        _copy_triton(stg, sgeom, ar, dst, dg, dp)
+
+
 # ----------------------------------------------------------------------------------- triton
 def _word_dtype(*byte_counts: int) -> torch.dtype:
     for w, dt in _WORDS.items():
@@ -164,7 +324,23 @@ def _word_dtype(*byte_counts: int) -> torch.dtype:
     return torch.uint8
 
 
-def _copy_triton(src, sg, sp, dst, dg, dp) -> None:
+@dataclass(frozen=True)
+class KernelShape:
+    """Launch shape of the Triton page copy: each program moves `runs` consecutive runs (rows of
+    one page, so consecutive bytes of a page-first pool) x one tile of `block_bytes` of each, with
+    `num_warps` warps; `streaming` marks loads evict-first and stores streaming (.cs)."""
+
+    block_bytes: int = _BLOCK_BYTES
+    runs: int = 1
+    num_warps: int = 4
+    streaming: bool = False
+
+
+DEFAULT_SHAPE = KernelShape(block_bytes=8192, runs=8, num_warps=8)  # H200: best or tied everywhere
+
+
+def _copy_triton(src, sg, sp, dst, dg, dp, shape: KernelShape | None = None) -> None:
+    shape = shape or DEFAULT_SHAPE
     es = src.element_size()
     wdt = _word_dtype(sg.row_elems * es, sg.page_stride * es, sg.row_stride * es,
                       dg.page_stride * es, dg.row_stride * es, src.data_ptr(), dst.data_ptr())
@@ -179,9 +355,11 @@ def _copy_triton(src, sg, sp, dst, dg, dp) -> None:
     sp = sp.to(dev, torch.int64, non_blocking=True)
     dp = dp.to(dev, torch.int64, non_blocking=True)
     row_words = words(sg.row_elems)
-    block = max(64, min(_BLOCK_BYTES // ratio, 1 << (row_words - 1).bit_length()))  # a power of two
+    block = max(64, min(shape.block_bytes // ratio, 1 << (row_words - 1).bit_length()))  # a power of two
+    runs = shape.runs if block >= row_words else 1  # several runs a program only when a tile holds a run
     launch_page_copy(sw, dw, sp, dp, sg.rows, row_words, words(sg.page_stride), words(sg.row_stride),
-                     words(dg.page_stride), words(dg.row_stride), block=block)
+                     words(dg.page_stride), words(dg.row_stride), block=block, runs=runs,
+                     num_warps=max(1, min(shape.num_warps, runs * block // 128)), streaming=shape.streaming)
 
 
 @functools.cache
@@ -190,32 +368,40 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def page_copy(src, dst, src_pages, dst_pages, rows, row_words,
+    def page_copy(src, dst, src_pages, dst_pages, n_runs, rows, row_words,
                   src_page_stride, src_row_stride, dst_page_stride, dst_row_stride,
-                  BLOCK: tl.constexpr):
-        run = tl.program_id(0)  # one (page, row) run
-        tile = tl.program_id(1)  # one BLOCK of it
+                  BLOCK: tl.constexpr, RUNS: tl.constexpr, STREAMING: tl.constexpr):
+        run = tl.program_id(0) * RUNS + tl.arange(0, RUNS)  # RUNS consecutive (page, row) runs
+        tile = tl.program_id(1)  # one BLOCK of each
+        live = run < n_runs
         i = run // rows
         r = (run - i * rows).to(tl.int64)
-        sp = tl.load(src_pages + i)
-        dp = tl.load(dst_pages + i)
+        sp = tl.load(src_pages + i, mask=live, other=0)
+        dp = tl.load(dst_pages + i, mask=live, other=0)
         offs = tile * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < row_words
-        s = sp * src_page_stride + r * src_row_stride
-        d = dp * dst_page_stride + r * dst_row_stride
-        x = tl.load(src + s + offs, mask=mask)
-        tl.store(dst + d + offs, x, mask=mask)
+        mask = live[:, None] & (offs < row_words)[None, :]
+        s = (sp * src_page_stride + r * src_row_stride)[:, None] + offs[None, :]
+        d = (dp * dst_page_stride + r * dst_row_stride)[:, None] + offs[None, :]
+        if STREAMING:
+            x = tl.load(src + s, mask=mask, eviction_policy="evict_first")
+            tl.store(dst + d, x, mask=mask, cache_modifier=".cs")
+        else:
+            x = tl.load(src + s, mask=mask)
+            tl.store(dst + d, x, mask=mask)
 
     return page_copy
 
 
 def launch_page_copy(src_words: torch.Tensor, dst_words: torch.Tensor, src_pages: torch.Tensor,
                      dst_pages: torch.Tensor, rows: int, row_words: int, src_page_stride: int,
-                     src_row_stride: int, dst_page_stride: int, dst_row_stride: int, block: int) -> None:
+                     src_row_stride: int, dst_page_stride: int, dst_row_stride: int, block: int,
+                     runs: int = 1, num_warps: int | None = None, streaming: bool = False) -> None:
     """Launch the Triton page copy over flat word views (strides in words, pages int64)."""
     n = src_pages.numel()
     tiles = -(-row_words // block)
-    grid = (n * rows, tiles)
-    _kernel()[grid](src_words, dst_words, src_pages, dst_pages, rows, row_words,
+    n_runs = n * rows
+    grid = (-(-n_runs // runs), tiles)
+    _kernel()[grid](src_words, dst_words, src_pages, dst_pages, n_runs, rows, row_words,
                     src_page_stride, src_row_stride, dst_page_stride, dst_row_stride,
-                    BLOCK=block, num_warps=max(1, min(4, block // 128)))
+                    BLOCK=block, RUNS=runs, STREAMING=streaming,
+                    num_warps=num_warps or max(1, min(4, block // 128)))

@@ -1,0 +1,408 @@
+"""SGLang 0.5.23's HiCache transfer ops (its JIT kernels), built here for side-by-side timing.
+
+SGLang builds these at run time through tvm-ffi and nvcc (`sglang.kernels.jit.utils.load_jit`),
+a loader that imports much of `sglang.srt`. This module stands in for that loader and nothing else:
+
+- the kernels are SGLang's own sources, unchanged: `kernels/jit/csrc/kvcacheio/{hicache,
+  hicache_tma,staged_write_back,relayout}.cuh` and `kernels/jit/include/sgl_kernel/*`;
+- the Python dispatch is SGLang's own `kernels/ops/kvcache/hicache.py`, executed unchanged with
+  its imports bound to stand-ins: `load_jit` below, `make_cpp_args`/`cache_once` (same behaviour
+  as SGLang's), `is_hip_runtime() -> False`, `debug_kernel_api` = identity, and
+  `envs.SGLANG_HICACHE_TMA_TRANSFER` = True (SGLang's default). So SGLang's choices of kernel
+  (TMA bulk-copy kernel when the page tiles its 16-row chunk, register kernel otherwise),
+  unroll, block quota and threads are the ones a server makes;
+- `load_jit` writes the same wrapper translation unit SGLang generates
+  (`TVM_FFI_DLL_EXPORT_TYPED_FUNC` per export, in `namespace sglang`) and compiles it with the
+  flags SGLang's ninja file uses on CUDA (`jit/utils/compile/{toolchain,ninja}.py`,
+  `jit/utils/arch.py`): `-Xcompiler -fPIC -gencode=arch=compute_90a,code=sm_90a
+  -DSGL_CUDA_ARCH=900 -std=c++20 -O3 --expt-relaxed-constexpr`, linked with
+  `-shared -ltvm_ffi -lcudart`, loaded with `tvm_ffi.load_module`.
+
+Needs `apache-tvm-ffi==0.1.11` (what sglang 0.5.23 pins) importable, nvcc, and a copy of those
+SGLang files under `root` (`REFCACHE_SGLANG_SRC`, default `.sgl` in the repository root) laid out
+as in the sglang package: `root/sglang/kernels/...`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import types
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_ROOT = REPO / ".sgl"
+OPS_REL = "sglang/kernels/ops/kvcache/hicache.py"
+JIT_REL = "sglang/kernels/jit"
+
+_FFI_INCLUDES = (
+    "#include <tvm/ffi/container/tensor.h>",
+    "#include <tvm/ffi/dtype.h>",
+    "#include <tvm/ffi/error.h>",
+    "#include <tvm/ffi/extra/c_env_api.h>",
+    "#include <tvm/ffi/function.h>",
+)
+
+
+class SGLangUnavailable(RuntimeError):
+    """SGLang's sources, tvm-ffi or nvcc are missing, or the build failed."""
+
+
+def root_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("REFCACHE_SGLANG_SRC", DEFAULT_ROOT)).resolve()
+
+
+def tvm_ffi_dir() -> pathlib.Path:
+    """tvm_ffi's package folder, found without importing it (the build only needs its files)."""
+    spec = importlib.util.find_spec("tvm_ffi")
+    if spec is None or not spec.submodule_search_locations:
+        raise SGLangUnavailable("apache-tvm-ffi is not importable (sglang 0.5.23 pins 0.1.11)")
+    return pathlib.Path(list(spec.submodule_search_locations)[0]).resolve()
+
+
+def cuda_home() -> str:
+    """Resolved the way SGLang's toolchain.cuda_home does (CUDA_HOME, CUDA_PATH, nvcc on PATH,
+    /usr/local/cuda), skipping a candidate with no lib64/libcudart.so (an nvcc wrapper script)."""
+    nvcc = shutil.which("nvcc")
+    for c in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+              os.path.dirname(os.path.dirname(nvcc)) if nvcc else None, "/usr/local/cuda"):
+        if c and os.path.exists(os.path.join(c, "lib64", "libcudart.so")):
+            return c
+    return "/usr/local/cuda"
+
+
+def _arch() -> tuple[int, int]:
+    env = os.environ.get("REFCACHE_SGLANG_ARCH")  # e.g. "90", to compile without a GPU
+    if env:
+        return int(env[:-1]), int(env[-1])
+    import torch
+
+    return torch.cuda.get_device_capability()
+
+
+def _suffix(major: int) -> str:
+    return "a" if major >= 9 else ""  # SGLang's _cuda_arch_suffix for 9.x/10.x+ (12.0 aside)
+
+
+def build_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("REFCACHE_SGLANG_BUILD", "/tmp/refcache_sglang_jit"))
+
+
+def commands(name: str, args: tuple[str, ...], cuda_files: list[str], cuda_wrappers: list[tuple[str, str]],
+             out: pathlib.Path) -> tuple[str, list[str], list[str]]:
+    """(wrapper source, nvcc command, link command) of one module, as SGLang's ninja file has them."""
+    root = root_dir()
+    jit = root / JIT_REL
+    srcs = [str((jit / "csrc" / f).resolve()) for f in cuda_files]
+    for s in srcs:
+        if not os.path.exists(s):
+            raise SGLangUnavailable(f"SGLang source missing: {s}")
+    lines = list(_FFI_INCLUDES) + [f'#include "{s}"' for s in srcs] + ["namespace sglang {"]
+    lines += [f"TVM_FFI_DLL_EXPORT_TYPED_FUNC({e}, ({k}));" for e, k in cuda_wrappers]
+    lines.append("}  // namespace sglang")
+    source = "\n".join(lines) + "\n"
+    tvm = tvm_ffi_dir()
+    includes = [str(tvm / "include"), str(tvm / "include"), str(jit / "include")]
+    includes = list(dict.fromkeys(includes))
+    major, minor = _arch()
+    target = f"{major}{minor}{_suffix(major)}"
+    nvcc = os.path.join(cuda_home(), "bin", "nvcc")
+    if not os.path.exists(nvcc):
+        nvcc = shutil.which("nvcc") or nvcc
+    cc = ([nvcc, "-Xcompiler", "-fPIC", f"-gencode=arch=compute_{target},code=sm_{target}",
+           f"-DSGL_CUDA_ARCH={major * 100 + minor * 10}", "-std=c++20", "-O3", "--expt-relaxed-constexpr"]
+          + [f"-I{i}" for i in includes] + ["-c", str(out / "cuda.cu"), "-o", str(out / "cuda_0.o")])
+    lib = tvm / "lib"
+    link = [os.environ.get("CXX", "c++"), str(out / "cuda_0.o"), "-shared", f"-L{lib}", "-ltvm_ffi",
+            f"-L{cuda_home()}/lib64", "-lcudart", "-o", str(out / "module.so")]
+    return source, cc, link
+
+
+def module_key(name: str, args: tuple[str, ...], cuda_files: list[str],
+               cuda_wrappers: list[tuple[str, str]]) -> str:
+    """SGLang's module name plus a digest of what is compiled (sources, exports, target)."""
+    digest = hashlib.sha256(repr((name, args, cuda_wrappers, _arch())).encode())
+    for f in cuda_files:
+        digest.update((root_dir() / JIT_REL / "csrc" / f).read_bytes())
+    inc = root_dir() / JIT_REL / "include"
+    for h in sorted(inc.rglob("*")):
+        if h.is_file():
+            digest.update(h.read_bytes())
+    return f"sgl_kernel_jit_{'_'.join((name,) + args)}-{digest.hexdigest()[:12]}"
+
+
+def target_tag() -> str:
+    major, minor = _arch()
+    return f"sm{major}{minor}{_suffix(major)}"
+
+
+def build(name: str, *args: str, cuda_files: list[str], cuda_wrappers: list[tuple[str, str]],
+          prebuilt_ok: bool = True) -> pathlib.Path:
+    """Compile one module (cached by content under build_dir()); the .so's path. A copy built
+    elsewhere under `root/prebuilt/<target>/` is used first when `prebuilt_ok`."""
+    args = tuple(str(a) for a in args)
+    key = module_key(name, args, cuda_files, cuda_wrappers)
+    pre = root_dir() / "prebuilt" / target_tag() / f"{key}.so"
+    if prebuilt_ok and pre.exists():
+        return pre
+    out = build_dir() / key
+    so = out / f"{key}.so"
+    if so.exists():
+        return so
+    out.mkdir(parents=True, exist_ok=True)
+    source, cc, link = commands(name, args, cuda_files, cuda_wrappers, out)
+    link[-1] = str(so)
+    (out / "cuda.cu").write_text(source)
+    for cmd in (cc, link):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise SGLangUnavailable(f"building SGLang JIT module {name} failed:\n$ {' '.join(cmd)}\n"
+                                    f"{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
+    return so
+
+
+
+
+def _load_jit(*args, cuda_files=None, cuda_wrappers=None, **kw):
+    if kw.get("cpp_files") or kw.get("extra_cuda_cflags") or kw.get("extra_dependencies"):
+        raise SGLangUnavailable(f"load_jit options this stand-in does not implement: {sorted(kw)}")
+    name, rest = args[0], args[1:]
+    files, wrappers = list(cuda_files or []), list(cuda_wrappers or [])
+    so = build(name, *rest, cuda_files=files, cuda_wrappers=wrappers)
+    if os.environ.get("REFCACHE_SGLANG_BUILD_ONLY"):  # compile-check without a GPU or tvm_ffi's runtime
+        LOG.append(f"{name}: {so}")
+        return so
+    import tvm_ffi
+
+    try:
+        mod = tvm_ffi.load_module(str(so))
+    except Exception as e:  # noqa: BLE001 - a copy built elsewhere may not load here: build here
+        if "prebuilt" not in str(so):
+            raise
+        LOG.append(f"prebuilt {so.name} did not load ({type(e).__name__}: {e}); building here")
+        mod = tvm_ffi.load_module(str(build(name, *rest, cuda_files=files, cuda_wrappers=wrappers,
+                                            prebuilt_ok=False)))
+    LOG.append(f"{name}: {so}")
+    return mod
+
+
+LOG: list[str] = []
+
+
+def _cache_once(fn):
+    """SGLang's cache_once: memoize on (args, sorted kwargs)."""
+    result_map: dict = {}
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        key = (args, tuple(sorted(kwargs.items())))
+        if key not in result_map:
+            result_map[key] = fn(*args, **kwargs)
+        return result_map[key]
+
+    return wrapper
+
+
+class _CPPArgList(list):
+    def __str__(self) -> str:
+        return ", ".join(self)
+
+
+def _make_cpp_args(*args):
+    def conv(a):
+        if isinstance(a, bool):
+            return "true" if a else "false"
+        if isinstance(a, (int, str, float)):
+            return str(a)
+        raise TypeError(f"unsupported template argument {a!r}")
+
+    return _CPPArgList(conv(a) for a in args)
+
+
+@functools.cache
+def ops() -> types.ModuleType:
+    """SGLang's kernels/ops/kvcache/hicache.py, executed with the stand-ins above."""
+    path = root_dir() / OPS_REL
+    if not path.exists():
+        raise SGLangUnavailable(f"SGLang's hicache.py not found at {path} (set REFCACHE_SGLANG_SRC)")
+    tvm_ffi_dir()
+    import torch
+
+    if not (hasattr(torch.Tensor, "__dlpack_c_exchange_api__") or hasattr(torch.Tensor, "__c_dlpack_exchange_api__")):
+        # tvm-ffi would JIT a torch addon for fast DLPack (a minute of compiling); plain DLPack does
+        os.environ.setdefault("TVM_FFI_DISABLE_TORCH_C_DLPACK", "1")
+        LOG.append("torch has no DLPack exchange API: TVM_FFI_DISABLE_TORCH_C_DLPACK=1")
+    env = types.SimpleNamespace(SGLANG_HICACHE_TMA_TRANSFER=types.SimpleNamespace(get=lambda: True))
+    fakes = {
+        "sglang": types.ModuleType("sglang"),
+        "sglang.kernels": types.ModuleType("sglang.kernels"),
+        "sglang.kernels.jit": types.ModuleType("sglang.kernels.jit"),
+        "sglang.kernels.jit.utils": types.SimpleNamespace(
+            cache_once=_cache_once, is_hip_runtime=lambda: False, load_jit=_load_jit, make_cpp_args=_make_cpp_args),
+        "sglang.kernels.kernel_api_logging": types.SimpleNamespace(debug_kernel_api=lambda f: f),
+        "sglang.srt": types.ModuleType("sglang.srt"),
+        "sglang.srt.environ": types.SimpleNamespace(envs=env),
+    }
+    saved = {k: sys.modules.get(k) for k in fakes}
+    sys.modules.update(fakes)  # type: ignore[arg-type]
+    try:
+        spec = importlib.util.spec_from_file_location("sglang_0_5_23_hicache_ops", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return mod
+
+
+def prebuild(element_size: int, jobs: int = 3) -> dict[str, str]:
+    """Compile, concurrently, the three modules a page_first/layer_first MHA host pool of rows of
+    `element_size` bytes uses on CUDA (register kernel, TMA kernel, staged write-back);
+    {module: "ok" | error text}."""
+    m = ops()
+    unroll = m._default_unroll(element_size)
+    tasks = {
+        "hicache": lambda: m._jit_hicache_module(element_size=element_size, unroll=unroll,
+                                                 block_quota=m.DEFAULT_BLOCK_QUOTA),
+        "hicache_tma": lambda: m._jit_hicache_tma_module(block_quota=m.TMA_BLOCK_QUOTA),
+        "hicache_staged": lambda: m._jit_hicache_staged_module(element_size=element_size, unroll=unroll,
+                                                               block_quota=m.DEFAULT_BLOCK_QUOTA),
+    }
+    out = {}
+    with concurrent.futures.ThreadPoolExecutor(jobs) as ex:
+        futs = {k: ex.submit(f) for k, f in tasks.items()}
+        for k, f in futs.items():
+            try:
+                f.result()
+                out[k] = "ok"
+            except Exception as e:  # noqa: BLE001 - reported to the caller
+                out[k] = f"{type(e).__name__}: {e}"
+    return out
+
+
+class SGLangHostPool:
+    """SGLang's MHA device/host pools over given memory, and its two transfer calls.
+
+    Device side (SGLang's MHATokenToKVPool): one [tokens, heads, dim] K and V buffer per layer,
+    here `dev[l, 0]` / `dev[l, 1]` of a [L, 2, tokens, H, D] tensor (the same bytes), with uint64
+    pointer tables. Host side (MHATokenToKVPoolHost), over the pinned `host_flat`:
+    - "page_first" (SGLang's default --hicache-mem-layout): [2, tokens, L, H, D]; backup is
+      `transfer_hicache_all_layer_staged_lf_pf` (gather into a 64-page device staging buffer, then
+      copy-engine page copies), load is `transfer_hicache_one_layer` per layer over the
+      transposed [tokens, H, D] views;
+    - "layer_first": [2, L, tokens, H, D]; backup is `transfer_hicache_all_layer`, load
+      `transfer_hicache_one_layer` per layer.
+    Both with io_backend "kernel" (SGLang's default)."""
+
+    STAGING_PAGES = 64  # sglang.srt.mem_cache.pool_host.base._WRITE_BACK_STAGING_PAGE_CHUNK
+
+    def __init__(self, dev, host_flat, page_size: int, layout: str):
+        import torch
+
+        self.ops = ops()
+        L, two, tokens, H, D = dev.shape
+        assert two == 2
+        self.L, self.tokens, self.H, self.D, self.ps, self.layout = L, tokens, H, D, page_size, layout
+        self.dev = dev
+        self.k_dev = [dev[layer, 0] for layer in range(L)]
+        self.v_dev = [dev[layer, 1] for layer in range(L)]
+        cuda = dev.device
+        self.dk_ptrs = torch.tensor([t.data_ptr() for t in self.k_dev], dtype=torch.uint64, device=cuda)
+        self.dv_ptrs = torch.tensor([t.data_ptr() for t in self.v_dev], dtype=torch.uint64, device=cuda)
+        n = 2 * L * tokens * H * D
+        if layout == "page_first":
+            self.host = host_flat[:n].view(2, tokens, L, H, D)
+            self.k_refs = [self.host[0].transpose(0, 1)[layer] for layer in range(L)]
+            self.v_refs = [self.host[1].transpose(0, 1)[layer] for layer in range(L)]
+            cap = self.STAGING_PAGES * page_size
+            self.staging_k = torch.empty((cap, L, H, D), dtype=dev.dtype, device=cuda)
+            self.staging_v = torch.empty((cap, L, H, D), dtype=dev.dtype, device=cuda)
+        elif layout == "layer_first":
+            self.host = host_flat[:n].view(2, L, tokens, H, D)
+            self.k_refs = [self.host[0][layer] for layer in range(L)]
+            self.v_refs = [self.host[1][layer] for layer in range(L)]
+        else:
+            raise ValueError(layout)
+        self.hk_ptrs = torch.tensor([t.data_ptr() for t in self.k_refs], dtype=torch.uint64, device=cuda)
+        self.hv_ptrs = torch.tensor([t.data_ptr() for t in self.v_refs], dtype=torch.uint64, device=cuda)
+        self.row_bytes = H * D * dev.element_size()
+
+    def kernel_names(self) -> dict[str, str]:
+        """Which SGLang kernel each direction runs at this page size (SGLang's own dispatch)."""
+        m = self.ops
+        tma = m.use_hicache_tma_kernel(element_size=self.row_bytes, block_quota=m.TMA_BLOCK_QUOTA,
+                                       page_size=self.ps)
+        load = "tma" if tma else "register"
+        backup = "staged+copy-engine" if self.layout == "page_first" else load
+        return {"backup": backup, "load": f"{load} x{self.L} layers"}
+
+    def backup(self, dev_tokens, host_tokens_cpu, host_tokens_gpu) -> None:
+        """Device -> host: token indices (device ones on the GPU; host ones as the path wants)."""
+        m = self.ops
+        if self.layout == "page_first":
+            m.transfer_hicache_all_layer_staged_lf_pf(
+                k_ptr_src=self.dk_ptrs, v_ptr_src=self.dv_ptrs, src_indices=dev_tokens, dst_indices=host_tokens_cpu,
+                staging_k=self.staging_k, staging_v=self.staging_v, dst_k=self.host[0], dst_v=self.host[1],
+                page_size=self.ps)
+        else:
+            m.transfer_hicache_all_layer(
+                page_size=self.ps, k_ptr_dst=self.hk_ptrs, v_ptr_dst=self.hv_ptrs, indices_dst=host_tokens_gpu,
+                k_ptr_src=self.dk_ptrs, v_ptr_src=self.dv_ptrs, indices_src=dev_tokens,
+                kv_cache_dst_stride_bytes=self.row_bytes, kv_cache_src_stride_bytes=self.row_bytes,
+                element_size=self.row_bytes)
+
+    def load(self, host_tokens_gpu, dev_tokens) -> None:
+        """Host -> device, layer by layer as SGLang's load_to_device_per_layer does."""
+        m = self.ops
+        for i in range(self.L):
+            m.transfer_hicache_one_layer(
+                page_size=self.ps, k_cache_dst=self.k_dev[i], v_cache_dst=self.v_dev[i], indices_dst=dev_tokens,
+                k_cache_src=self.k_refs[i], v_cache_src=self.v_refs[i], indices_src=host_tokens_gpu,
+                element_dim=self.H * self.D)
+
+    def host_page(self, host_tokens):
+        """[L, 2, ps, H, D] copy of the host tokens (CPU), for checks."""
+        if self.layout == "page_first":
+            return self.host[:, host_tokens].permute(2, 0, 1, 3, 4).contiguous()
+        return self.host[:, :, host_tokens].permute(1, 0, 2, 3, 4).contiguous()
+
+    def poison_host(self, host_tokens) -> None:
+        if self.layout == "page_first":
+            self.host[:, host_tokens] = float("nan")
+        else:
+            self.host[:, :, host_tokens] = float("nan")
+
+
+def main(argv=None) -> int:
+    """Compile the three modules without a GPU (REFCACHE_SGLANG_ARCH=90) or with one; report."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="build SGLang's HiCache JIT modules")
+    ap.add_argument("--element-size", type=int, default=2048)
+    ap.add_argument("--publish", action="store_true", help="copy the built modules to <root>/prebuilt/<target>/")
+    a = ap.parse_args(argv)
+    res = prebuild(a.element_size)
+    for k, v in res.items():
+        print(f"{k}: {v}")
+    if a.publish:
+        dst = root_dir() / "prebuilt" / target_tag()
+        dst.mkdir(parents=True, exist_ok=True)
+        for line in LOG:
+            so = pathlib.Path(line.split(": ", 1)[1])
+            if so.exists() and "prebuilt" not in str(so):
+                shutil.copy2(so, dst / so.name)
+                print(f"published {dst / so.name}")
+    return 0 if all(v == "ok" for v in res.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
