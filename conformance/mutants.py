@@ -3,6 +3,7 @@ that the conformance machine fails on that target when it should (a suite that c
 nothing).
 
     python -m conformance.mutants NAME [--budget S] [--seed N]   # one JSON line: the run's result
+    python -m conformance.mutants --seeds [--budget S]           # the five upstream seed bugs, one line each
 
 A mutant runs in this process when it can, else in a child process: one process can hold only one
 sglang version, and the patch has to be applied where the cache runs.
@@ -134,15 +135,61 @@ def _run_child(name: str, budget_s: float, seed: int, shrink_s: float) -> dict:
     return json.loads(lines[-1])
 
 
+def run_seed(seed_id: int, budget_s: float = 120, seed: int = 0, shrink_s: float = 10) -> dict:
+    """The conformance run of upstream seed bug `seed_id` (conformance/targets/sglang/seeds.py)
+    reverted in SGLang 0.5.23: {seed, target, caught, seconds, operations, check, steps}."""
+    from .targets.sglang import seeds
+
+    s = seeds.SEEDS[seed_id]
+    if s.patch is None:
+        return {"seed": seed_id, "target": s.target, "caught": False, "seconds": None, "operations": None,
+                "check": None, "not_reverted": s.where}
+    why = runner.unavailable_reason(s.target)
+    if why:
+        return {"seed": seed_id, "target": s.target, "caught": False, "skipped": why}
+    need, have = runner.TARGETS[s.target].sglang, shim.loaded()
+    if need is not None and have is not None and have.version != need:
+        p = runner._child(["--seed-id", str(seed_id), "--budget", str(budget_s), "--seed", str(seed),
+                           "--shrink", str(shrink_s)], budget_s + 600, module="conformance.mutants")
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"seed child failed (rc {p.returncode}): {p.stderr[-3000:]}")
+        return json.loads(lines[-1])
+    with s.patch():
+        r = runner._run_here(s.target, budget_s, seed, shrink_s=shrink_s)
+    report = r["failure_report"] or ""
+    head = report.split("--- as Hypothesis reported it")[0]
+    m = re.search(r"minimized to (\d+) operations", head)
+    finding = "\n".join(ln for ln in head.splitlines()[1:] if not re.match(r"\s+\d+: ", ln)).strip()
+    lines = finding.splitlines()
+    check = (lines[0] + (" " + lines[1].strip() if len(lines) > 1 and lines[0].endswith(":") else "")) if lines else None
+    return {"seed": seed_id, "target": s.target, "caught": r["violations"] == 1 and any(x in finding for x in s.signs),
+            "seconds": r.get("elapsed_s"), "operations": int(m.group(1)) if m else None,
+            "check": check[:300] if check else None, "steps": r["steps"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m conformance.mutants", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=list(MUTANTS))
-    ap.add_argument("--budget", type=float, default=30.0)
+    ap.add_argument("name", nargs="?", choices=list(MUTANTS))
+    ap.add_argument("--seeds", action="store_true", help="every upstream seed bug, reverted in SGLang 0.5.23")
+    ap.add_argument("--seed-id", type=int, help="one upstream seed bug (its pull request number)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds per run (default 30; 120 per seed)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shrink", type=float, default=3.0)
+    ap.add_argument("--shrink", type=float, default=None)
     a = ap.parse_args(argv)
-    r = run(a.name, a.budget, a.seed, a.shrink)
+    if a.seeds or a.seed_id is not None:
+        from .targets.sglang import seeds
+
+        ok = True
+        for sid in ([a.seed_id] if a.seed_id is not None else list(seeds.SEEDS)):
+            r = run_seed(sid, a.budget or 120, a.seed, 10 if a.shrink is None else a.shrink)
+            print(json.dumps(r), flush=True)
+            ok = ok and r["caught"]
+        return 0 if ok else 1
+    if a.name is None:
+        ap.error("give a mutant NAME or --seeds")
+    r = run(a.name, a.budget or 30, a.seed, 3 if a.shrink is None else a.shrink)
     print(json.dumps(r))
     return 0 if r["caught"] or r.get("skipped") else 1
 

@@ -40,6 +40,9 @@ class SGLangUniHiCache(Target):
     hicache_write_policy."""
 
     DIGITS = 3  # prefix ids are written as 3 base-128 digits (exact in bf16)
+    # The match field the scheduler anchors an L2 load-back on (schedule_policy passes it to
+    # init_load_back as InitLoadBackParams.best_match_node); seeds.py reverts it for one seed.
+    LOAD_BACK_ANCHOR = "best_match_node"
 
     def __init__(self, core: str = "python", policy: str = "write_through"):
         shim.load(V_NEW, real=HICACHE_REAL)
@@ -176,7 +179,7 @@ class SGLangUniHiCache(Target):
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
         self._settle()
         if m.host_hit_length > 0:
-            got = self.cache.load_back(m.best_match_node)
+            got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
             self._settle()
             if not got:
@@ -383,7 +386,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
         self._settle()
         if m.host_hit_length > 0 or m.mamba_host_hit_length > 0:
-            got = self.cache.load_back(m.best_match_node)
+            got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
             self._settle()
             if not got:

@@ -1,0 +1,102 @@
+"""The five seed bugs (upstream SGLang HiCache fixes), reverted in SGLang 0.5.23's code at run time.
+
+Each seed is a context manager that monkeypatches the smallest change bringing the pre-fix logic
+back, written from the fix's description (not from its code), plus the target it is caught on and
+the minimized operations that catch it (kept as a replay test in test_seeds.py). Where the seed's
+code path no longer exists in 0.5.23, the nearest equivalent is patched, and the docstring says so.
+
+    python -m conformance.mutants --seeds [--budget S]
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from unittest import mock
+
+from . import shim
+from .common import HICACHE_REAL, V_NEW
+
+
+@dataclass(frozen=True)
+class Seed:
+    id: int  # the upstream pull request that fixed it
+    title: str
+    target: str
+    patch: Callable[[], contextlib.AbstractContextManager] | None  # None: not reverted yet (see `where`)
+    signs: tuple[str, ...]  # what the minimized failure shows (any one of them)
+    calls: tuple = ()  # the minimized operations that catch it (a replay)
+    where: str = ""  # how the pre-fix logic maps onto 0.5.23's code
+
+
+def _load() -> None:
+    shim.load(V_NEW, real=HICACHE_REAL)
+
+
+@contextlib.contextmanager
+def seed_25088() -> Iterator[None]:
+    """#25088 "Fix HiCache load back start node": the L2 load-back was anchored at last_host_node, the
+    deepest matched node with KV on some tier, which no component validator had accepted (a node
+    whose path has KV but no mamba state / SWA window); the fix anchors it at best_match_node. In
+    0.5.23, with HiCache on, last_host_node *is* best_match_node, so the revert restores both halves:
+    the tree core reports the deepest matched node as last_host_node again, and the scheduler's
+    load-back call (our adapter stands in for schedule_policy's init_load_back) anchors on it."""
+    _load()
+    from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
+
+    from .v0_5_23_hicache import SGLangUniHiCache
+
+    orig = UnifiedTreeCore._match_post_processor
+
+    def post(self, params, value, best_match_node, *a, **k):
+        res = orig(self, params, value, best_match_node, *a, **k)
+        last = k.get("last_visited_node_id", a[4] if len(a) > 4 else None)
+        if self.enable_hicache and last is not None:
+            res = res._replace(last_host_node=last)
+        return res
+
+    with mock.patch.object(UnifiedTreeCore, "_match_post_processor", post), \
+            mock.patch.object(SGLangUniHiCache, "LOAD_BACK_ANCHOR", "last_host_node"):
+        yield
+
+
+SEEDS: dict[int, Seed] = {
+    25088: Seed(25088, "HiCache load-back anchored at last_host_node instead of best_match_node",
+                "sglang-hicache-mamba", seed_25088,
+                ("loaded without its mamba state", "device match after load_back", "AssertionError"),
+                calls=(("insert", [1]), ("insert", [1, 1, 2, 1]), ("evict", 4), ("load_back", [1, 1, 1]))),
+    27366: Seed(27366, "HiMamba prefetch terminated while its mamba pool transfer is still in flight",
+                "sglang-hicache-mamba", None, (),
+                where="UnifiedRadixCache._can_terminate_prefetch in 0.5.23; needs a storage tier and a "
+                      "prefetch operation, which the conformance machine does not drive yet"),
+    26945: Seed(26945, "mamba prefetch abandoned instead of truncated when L2 allocation fails",
+                "sglang-hicache-mamba", None, (),
+                where="UnifiedRadixCache.prefetch_from_storage in 0.5.23 (it truncates); needs a storage tier "
+                      "and a prefetch operation, which the conformance machine does not drive yet"),
+    23427: Seed(23427, "move_hybrid_indices rewrites the tree's PoolTransfer indices in place",
+                "sglang-hicache-mamba", None, (),
+                where="HybridCacheController.move_hybrid_indices in 0.5.23; on the CPU the moved indices "
+                      "equal the originals (direct IO, page-first-direct), so the pollution is invisible: "
+                      "it needs the GPU with io_backend=kernel"),
+    23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
+                "sglang-hicache-mamba", None, (),
+                where="UnifiedTreeCore._iteratively_delete_tombstone_ancestors in 0.5.23 (checks "
+                      "host_lock_ref); only a storage prefetch holds a host reference across operations"),
+}
+
+
+def replay_seed(seed_id: int, patched: bool, calls: list | None = None) -> str | None:
+    """Replay the seed's minimized operations (or `calls`) on its target, with the seed reverted or
+    on clean code; returns "ErrorType: message" for the disagreement, or None. Loads sglang 0.5.23
+    in this process."""
+    from ...machine import replay
+    from ...runner import machine
+
+    s = SEEDS[seed_id]
+    if s.patch is None:
+        raise ValueError(f"seed {seed_id} is not reverted yet: {s.where}")
+    ctx = s.patch() if patched else contextlib.nullcontext()
+    with ctx:
+        err = replay(machine(s.target), [tuple(c) for c in (calls if calls is not None else s.calls)])
+    return None if err is None else f"{type(err).__name__}: {err}"
