@@ -10,7 +10,8 @@ key positions set, `on_request_finished` at the end):
 
 - alloc(tokens)  = a request: leading `lookup` hits (what it would load), then `prepare_store`
   of all its keys (the manager allocates chunks for the new ones, evicting as its policy says;
-  None = cannot make room -> TargetError);
+  None = cannot make room -> TargetError; the request has still used the ready chunks it
+  offered, so they become recent when it finishes);
 - insert(tokens) = the store lands: `complete_store` of the stored keys, request finished;
 - match(tokens)  = leading `lookup` hits (read-only, recency included);
 - lock / unlock  = `prepare_load` (ref +1: protected from eviction) / `complete_load` (ref -1),
@@ -126,10 +127,12 @@ class VLLMOffload(Target):
     def alloc(self, tokens):
         keys = self._keys(tokens)
         hit = self._hits(keys)
+        pages = self._pages(tokens)
+        ready = [p for p, k in zip(pages, keys, strict=True) if self.mgr.lookup(k, None) == self.base.LookupResult.HIT]
         ctx = self._ctx(keys)
         out = self.mgr.prepare_store(keys, ctx)
-        if out is None:
-            self._finish(ctx, [])
+        if out is None:  # the request still accessed the chunks it found ready: they are used, and recent
+            self._finish(ctx, ready)
             raise TargetError(f"prepare_store: no room for {len(keys) - hit} chunks")
         for k, c in zip(out.keys_to_store, out.store_spec.block_ids.tolist(), strict=True):
             self.content[int(c)] = self.prefix_of[k]  # the worker writes the chunks

@@ -14,6 +14,7 @@ import os
 import pytest
 
 from conformance import runner
+from conformance.target import TargetError
 from conformance.targets import vllm as vllm_targets
 from conformance.targets.vllm import mutants, shim
 
@@ -116,6 +117,28 @@ def test_mamba_duplicates_state_blocks():
     got = t.insert(tokens, kv)
     assert kv[1] == 0 and got.cached_len == 2 and got.mamba_used is False
     assert len(t._cached((1, 1, 1, 1), 1)) == 2 and t.check() == []
+
+
+REFUSED_STORE = [("insert", [1, 1, 1, 1]), ("insert", [2, 2]), ("insert", [1] * 8), ("evict", 1)]
+
+
+def test_refused_store_still_refreshes_what_it_offered():
+    """Finding, classified "our mapping wrong" (found on a 3-chunk LRU store): a request whose
+    prepare_store is refused (no room) has still used the ready chunks it offered, and vLLM's LRU
+    makes them recent when the request finishes. The driver's release clock first ignored refused
+    requests, so after insert A AA, insert B, a refused insert of A..AAAA, evict one page, it
+    expected AA to go before B. Now it stamps them, and vLLM's choice (B) agrees."""
+    from conformance.machine import machine_for, replay
+    from conformance.targets.vllm.offload import VLLMOffload
+
+    assert replay(machine_for(lambda: VLLMOffload("lru", chunks=3), "vllm-offload-lru-3"), REFUSED_STORE) is None
+    t = VLLMOffload("lru", chunks=3)
+    for _op, arg in REFUSED_STORE[:2]:
+        t.insert(arg, t.alloc(arg))
+    with pytest.raises(TargetError):
+        t.alloc(REFUSED_STORE[2][1])
+    t.evict(2)
+    assert set(t.abstract().pages) == {(1, 1), (1, 1, 1, 1)}  # B went, the refused request's pages stayed
 
 
 # ---------------------------------------------------------------------------------- shim
