@@ -44,6 +44,24 @@ def _touch_keeps_block_free():
     return mock.patch.object(BlockPool, "touch", touch)
 
 
+def _free_drops_cached_blocks():
+    """free_blocks decrements the ref counts but never queues the blocks that carry a hash: a
+    freed cached block is neither free nor evictable, and the pool slowly leaks."""
+    shim.load()
+    from vllm.v1.core.block_pool import BlockPool
+
+    orig = BlockPool.free_blocks
+
+    def free_blocks(self, ordered_blocks):
+        ordered_blocks = list(ordered_blocks)
+        orig(self, [b for b in ordered_blocks if b.block_hash is None])
+        for b in ordered_blocks:
+            if b.block_hash is not None and not b.is_null:
+                b.ref_cnt -= 1
+
+    return mock.patch.object(BlockPool, "free_blocks", free_blocks)
+
+
 def _hash_not_chained():
     """A block's hash covers its own tokens only, not its parent's hash: equal blocks under
     different prefixes share one hash, and a lookup serves another prefix's KV."""
@@ -70,6 +88,8 @@ def _offload_load_keeps_ref():
 MUTANTS: dict[str, Mutant] = {
     "vllm-touch-keeps-block-free": Mutant("vllm-prefix", "a cache hit does not take the block out of the free queue",
                                           _touch_keeps_block_free, ("R1", "while locked", "ref_cnt")),
+    "vllm-free-drops-cached-block": Mutant("vllm-prefix", "a freed cached block is not returned to the free queue",
+                                           _free_drops_cached_blocks, ("R1", "evictable device leaves remain")),
     "vllm-hash-not-chained": Mutant("vllm-prefix", "a block hash does not chain its parent's hash",
                                     _hash_not_chained, ("H1", "D1")),
     "vllm-offload-load-keeps-ref": Mutant("vllm-offload-lru", "complete_load does not release the load's reference",
