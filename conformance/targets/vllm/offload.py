@@ -27,7 +27,8 @@ finish order this driver records); ARC keeps a frequency list, so no LRU order i
 Checks every step: each chunk is free or held by exactly one key; ready/pending/evictable
 counters equal what they count; every ready key's ref count equals the loads this driver holds;
 each key's chunk holds the prefix its hash was computed for (D1); the policy's own structures
-(LRU: the evictable set; ARC: T1/T2 disjoint and within capacity, ghosts bounded).
+(LRU: the evictable set; ARC: T1/T2 disjoint and within capacity, no cached key a ghost,
+ghosts bounded, the T1 target within [0, capacity]).
 """
 
 from __future__ import annotations
@@ -250,6 +251,10 @@ class VLLMOffload(Target):
                 v.append(f"ARC: T1/T2 overlap or exceed capacity ({len(pol.t1)}+{len(pol.t2)} > {self.chunks})")
             if len(pol.b1) > self.chunks or len(pol.b2) > self.chunks:
                 v.append("ARC: a ghost list exceeds capacity")
+            if (set(pol.t1) | set(pol.t2)) & (set(pol.b1) | set(pol.b2)):
+                v.append("ARC: a cached key is also a ghost")
+            if not 0 <= pol.target_t1_size <= self.chunks:
+                v.append(f"ARC: target T1 size {pol.target_t1_size} outside [0, {self.chunks}]")
         elif pol._evictable != set(ready0):
             v.append("LRU: its evictable set is not the unreferenced ready chunks")
         return v
