@@ -95,6 +95,25 @@ def _hiradix_load_back_locks_parent():
     return mock.patch.object(HiRadixCache, "load_back", load_back)
 
 
+def _hicache_split_drops_host():
+    """A split gives the new upper node no host copy (SGLang 0.5.23's Python tree core): its host
+    slots leak, and a later load-back of the upper half finds nothing to load."""
+    from .targets.sglang.common import HICACHE_REAL
+
+    shim.load(runner.TARGETS["sglang-hicache-python"].sglang, real=HICACHE_REAL)
+    from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
+    from sglang.srt.mem_cache.unified_cache.unified_tree_core import UnifiedTreeCore
+
+    orig = UnifiedTreeCore._split_node
+
+    def split(self, key, child, split_len):
+        upper, action = orig(self, key, child, split_len)
+        upper.component_data[ComponentType.FULL].host_value = None
+        return upper, action
+
+    return mock.patch.object(UnifiedTreeCore, "_split_node", split)
+
+
 MUTANTS: dict[str, Mutant] = {
     "refcache-split-drops-lock": Mutant("refcache", "a split gives the upper node no lock count",
                                         _refcache_split_drops_lock, ("T2", "R2")),
@@ -107,6 +126,10 @@ MUTANTS: dict[str, Mutant] = {
                                               ("device match after load_back", "Double-free", "R1: host pool")),
     "sglang-hiradix-load-back-locks-parent": Mutant("sglang-hiradix", "a load-back's lock anchored at the parent",
                                                     _hiradix_load_back_locks_parent, ("R2", "lock")),
+    "sglang-hicache-split-drops-host": Mutant("sglang-hicache-python", "a split gives the upper node no host copy",
+                                              _hicache_split_drops_host,
+                                              ("R1: host pool", "sanity_check", "device match after load_back",
+                                               "lost host")),
 }
 
 
