@@ -23,11 +23,8 @@ BUDGET = float(os.environ.get("CONFORMANCE_BUDGET_S", "4"))
 NAMES = list(vllm_targets.TARGETS)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _needs_vllm():
-    why = shim.missing_reason()
-    if why:
-        pytest.skip(why)
+_WHY = shim.missing_reason()
+needs_vllm = pytest.mark.skipif(bool(_WHY), reason=_WHY)
 
 
 def test_registered_with_the_runner():
@@ -35,6 +32,7 @@ def test_registered_with_the_runner():
     assert all(runner.TARGETS[n].requires for n in NAMES)
 
 
+@needs_vllm
 @pytest.mark.parametrize("name", NAMES)
 def test_vllm_target_agrees(name):
     r = runner.run_target(name, BUDGET, seed=0)
@@ -42,6 +40,7 @@ def test_vllm_target_agrees(name):
     assert r["violations"] == 0, r["failure_report"]
 
 
+@needs_vllm
 @pytest.mark.parametrize("name", list(mutants.MUTANTS))
 def test_mutant_caught_and_clean_target_passes(name):
     """The patched vLLM fails the machine with the bug's own signature; the operations it was
@@ -56,6 +55,7 @@ def test_mutant_caught_and_clean_target_passes(name):
 LOOKUP_RECENCY = [("insert", [1, 1]), ("insert", [2, 2]), ("match", [1, 1]), ("evict", 1)]
 
 
+@needs_vllm
 @pytest.mark.parametrize("name", ["refcache", "vllm-prefix", "vllm-offload-lru"])
 def test_lookup_does_not_refresh_recency(name):
     """Contract difference: in vLLM a lookup (get_computed_blocks, or the offloading manager's
@@ -69,6 +69,7 @@ def test_lookup_does_not_refresh_recency(name):
         assert err is not None and "spec recency" in err and "(1, 1)" in err, f"vLLM now refreshes on lookup: {err}"
 
 
+@needs_vllm
 def test_release_order_is_judged():
     """Without the lookup, the release order decides: A released before B, so A goes first, as
     the spec says too (the eviction-order check is live on these targets, not only allowed away)."""
@@ -80,6 +81,7 @@ def test_release_order_is_judged():
 SWA_DUP = [("insert", [1] * 6), ("insert", [1] * 6), ("evict", 1), ("insert", [1] * 6)]
 
 
+@needs_vllm
 def test_swa_duplicates_full_blocks():
     """Contract difference (hybrid full + SWA): once a page's sliding-window block is evicted but
     its full-attention block is not, vLLM's usable hit stops short, it recomputes, and files a
@@ -101,6 +103,7 @@ def test_swa_duplicates_full_blocks():
     assert runner.replay_calls("vllm-prefix-swa", SWA_DUP, strict=True) is None
 
 
+@needs_vllm
 def test_mamba_duplicates_state_blocks():
     """Contract difference (hybrid full + mamba, align mode): the end page's full block evicted,
     its state kept; a re-insert hits nothing usable, recomputes, and files a second state block
@@ -122,6 +125,7 @@ def test_mamba_duplicates_state_blocks():
 REFUSED_STORE = [("insert", [1, 1, 1, 1]), ("insert", [2, 2]), ("insert", [1] * 8), ("evict", 1)]
 
 
+@needs_vllm
 def test_refused_store_still_refreshes_what_it_offered():
     """Finding, classified "our mapping wrong" (found on a 3-chunk LRU store): a request whose
     prepare_store is refused (no room) has still used the ready chunks it offered, and vLLM's LRU
@@ -148,6 +152,7 @@ def test_missing_vllm_says_how_to_install(tmp_path, monkeypatch):
     assert "python -m conformance.targets.vllm.install" in why and str(tmp_path) in why
 
 
+@needs_vllm
 def test_standins_only_for_vllm_files():
     """A missing module imported by anything but vLLM's own files still fails."""
     shim.load()
