@@ -24,6 +24,9 @@ TARGETS: dict[str, TargetSpec] = {
     "vllm-prefix-mamba": TargetSpec(f"{_B}:VLLMPrefixCache", None,
                                     "the same with the hybrid coordinator: full attention + mamba (align mode), page 2",
                                     args=("mamba",), requires=_REQ),
+    "vllm-tiered": TargetSpec("conformance.targets.vllm.tiered:VLLMTiered", None,
+                              "vLLM 0.33.0 KVCacheManager + CPUOffloadingManager (LRU) as OffloadingConnector drives "
+                              "them: write-through, load-back, page 2", requires=_REQ),
     "vllm-offload-lru": TargetSpec(f"{_O}:VLLMOffload", None,
                                    "vLLM 0.33.0 CPUOffloadingManager (OffloadingConnector's), LRU policy, page 2",
                                    args=("lru",), requires=_REQ),
