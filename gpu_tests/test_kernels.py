@@ -231,11 +231,13 @@ def test_copy_kv_is_asynchronous_and_stream_ordered():
 
 @needs_cuda
 @pytest.mark.gpu
+@pytest.mark.parametrize("engine", ["dma", "dma_batch"])
 @pytest.mark.parametrize("direction", ["d2h", "h2d"])
-def test_large_pages_with_cpu_page_lists_go_to_the_copy_engine(direction, monkeypatch):
-    """`copy_pages` with no mechanism named uses `dma` for host<->device copies of large pages
-    whose page lists are both on the CPU, the kernel otherwise (GPU-resident lists are never read
-    back), and the result is the reference copy."""
+def test_large_pages_with_cpu_page_lists_go_to_the_copy_engine(direction, engine, monkeypatch):
+    """`copy_pages` with no mechanism named uses the copy engine (`dma` for the largest pages,
+    `dma_batch` below that) for host<->device copies of large pages whose page lists are both on
+    the CPU, the kernel otherwise (GPU-resident lists are never read back), and the result is the
+    reference copy."""
     import refcache.kernels as K
 
     L, H, D, ps = 4, 2, 16, 8
@@ -249,10 +251,11 @@ def test_large_pages_with_cpu_page_lists_go_to_the_copy_engine(direction, monkey
     cpu_s, cpu_d = torch.tensor(sp), torch.tensor(dp)
     base = "kernel" if triton_available() else "copy_engine"
     assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d) == base  # small pages: not worth a DMA each
-    monkeypatch.setattr(K, "DMA_MIN_PAGE_BYTES", 1)
+    monkeypatch.setattr(K, "DMA_MIN_PAGE_BYTES", 1 if engine == "dma" else 1 << 40)
     monkeypatch.setattr(K, "DMA_MIN_RUN_BYTES", 1)
+    monkeypatch.setattr(K, "DMA_BATCH_MIN_PAGE_BYTES", 1)
     if base == "kernel":
-        assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d) == "dma"
+        assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d) == engine
         assert K.select_mechanism(src, sg, cpu_s.cuda(), dst, dg, cpu_d) == "kernel"
         assert K.select_mechanism(src, sg, cpu_s, dst, dg, cpu_d.cuda()) == "kernel"
         assert K.select_mechanism(devp, PageGeometry.of(devp, ps, False), cpu_s, devp.clone(),

@@ -19,7 +19,11 @@ picks one with `select_mechanism`):
   only when both page lists are CPU tensors and pages are large (`DMA_MIN_PAGE_BYTES`,
   `DMA_MIN_RUN_BYTES`). Asynchronous on the current stream.
 - `dma_batch`: the kernel gathers (or scatters) the device side through a page-first staging
-  buffer, one cudaMemcpyBatchAsync moves the host pages. Asynchronous on the current stream.
+  buffer as large as the batch, one cudaMemcpyBatchAsync moves the host pages (one copy per
+  page; on the legacy default stream, which the batch call refuses, one cudaMemcpyAsync per
+  page). 0.96-0.97 of the contiguous copy for 2 MiB pages; chosen by default for pages of
+  `DMA_BATCH_MIN_PAGE_BYTES` up to the `dma` threshold, CPU page lists only. Asynchronous on the
+  current stream.
 - `copy_engine`: gather on the GPU into a staging buffer, then one DMA copy per run of
   consecutive host pages (and the reverse for loads). Asynchronous on the current stream.
 - `torch`: advanced indexing on [pages, rows, row_elems] views. The CPU path (and CUDA without Triton); synchronous
@@ -96,22 +100,32 @@ def default_mechanism(src: torch.Tensor, dst: torch.Tensor) -> str:
     return "kernel" if triton_available() else "copy_engine"
 
 
-DMA_MIN_PAGE_BYTES = 4 << 20  # one 2D copy per page pays off from here (measured: 8 MiB yes, 2 MiB no)
-DMA_MIN_RUN_BYTES = 64 << 10
+# Copy-engine thresholds for CPU-resident page lists (H200, PCIe 5, benchmarks/RESULTS.md):
+DMA_MIN_PAGE_BYTES = 4 << 20  # one 2D copy a page: 8 MiB pages 0.98 of contiguous, 2 MiB ones 0.92
+DMA_MIN_RUN_BYTES = 64 << 10  # ... with runs (rows of the 2D copy) at least this long
+DMA_BATCH_MIN_PAGE_BYTES = 1 << 20  # staging + one batched copy: 2 MiB pages 0.96-0.97, 128 KiB 0.80-0.88
 
 
 def select_mechanism(src: torch.Tensor, src_geom: PageGeometry, src_pages: torch.Tensor,
                      dst: torch.Tensor, dst_geom: PageGeometry, dst_pages: torch.Tensor) -> str:
     """What `copy_pages` uses when no mechanism is named: `default_mechanism`, except that a
-    host<->device copy of large pages whose page lists are both on the CPU goes to `dma` (the
-    copy engine needs the addresses on the CPU; reading GPU-resident lists back would block)."""
+    host<->device copy of large pages whose page lists are both on the CPU goes to the copy
+    engine (it needs the addresses on the CPU; reading GPU-resident lists back would block):
+    `dma` for pages of `DMA_MIN_PAGE_BYTES` (runs of `DMA_MIN_RUN_BYTES`) and more, `dma_batch`
+    for pages of `DMA_BATCH_MIN_PAGE_BYTES` and more when the host pool is page-first."""
     mech = default_mechanism(src, dst)
     if mech != "kernel" or src.is_cuda == dst.is_cuda or src_pages.is_cuda or dst_pages.is_cuda:
         return mech
+    if not _dma_available():
+        return mech
     es = src.element_size()
     run = src_geom.row_elems * es
-    if run >= DMA_MIN_RUN_BYTES and run * src_geom.rows >= DMA_MIN_PAGE_BYTES and _dma_available():
+    page = run * src_geom.rows
+    if run >= DMA_MIN_RUN_BYTES and page >= DMA_MIN_PAGE_BYTES:
         return "dma"
+    hg = dst_geom if src.is_cuda else src_geom
+    if page >= DMA_BATCH_MIN_PAGE_BYTES and hg.page_stride == hg.rows * hg.row_elems and hg.row_stride == hg.row_elems:
+        return "dma_batch"
     return mech
 
 
@@ -255,8 +269,26 @@ def _copy_dma(src, sg, sp, dst, dg, dp) -> None:
                                           _CUDA_MEMCPY_DEFAULT, stream), "cudaMemcpy2DAsync")
 
 
+@functools.cache
+def _batch_attrs(src_on_device: bool, device: int):
+    """The one cudaMemcpyAttributes of a batch (stream-ordered source), and its index array."""
+    import ctypes
+
+    class Loc(ctypes.Structure):
+        _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
+
+    class Attrs(ctypes.Structure):
+        _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", Loc), ("dstLocHint", Loc),
+                    ("flags", ctypes.c_uint)]
+
+    dev_loc, host_loc = Loc(1, device), Loc(2, 0)  # cudaMemLocationTypeDevice / Host
+    attrs = Attrs(1, dev_loc if src_on_device else host_loc, host_loc if src_on_device else dev_loc, 0)
+    return attrs, (ctypes.c_size_t * 1)(0)
+
+
 def _memcpy_batch(dsts, srcs, nbytes: int, src_on_device: bool, device: int, stream: int) -> None:
-    """cudaMemcpyBatchAsync of equal-sized copies (CUDA 12.8+), stream-ordered."""
+    """cudaMemcpyBatchAsync of equal-sized copies (CUDA 12.8+), stream-ordered; `dsts`, `srcs`
+    uint64 numpy arrays of addresses."""
     import ctypes
 
     import numpy as np
@@ -267,21 +299,9 @@ def _memcpy_batch(dsts, srcs, nbytes: int, src_on_device: bool, device: int, str
         for dd, ss in zip(dsts.tolist(), srcs.tolist(), strict=True):
             _cuda_check(lib.cudaMemcpyAsync(dd, ss, nbytes, _CUDA_MEMCPY_DEFAULT, stream), "cudaMemcpyAsync")
         return
-
-    class Loc(ctypes.Structure):
-        _fields_ = [("type", ctypes.c_int), ("id", ctypes.c_int)]
-
-    class Attrs(ctypes.Structure):
-        _fields_ = [("srcAccessOrder", ctypes.c_int), ("srcLocHint", Loc), ("dstLocHint", Loc),
-                    ("flags", ctypes.c_uint)]
-
-    dev_loc, host_loc = Loc(1, device), Loc(2, 0)
-    attrs = Attrs(1, dev_loc if src_on_device else host_loc, host_loc if src_on_device else dev_loc, 0)
-    idx = (ctypes.c_size_t * 1)(0)
-    d = np.ascontiguousarray(dsts, dtype=np.uint64)
-    s = np.ascontiguousarray(srcs, dtype=np.uint64)
-    sizes = np.full(len(d), nbytes, dtype=np.uint64)
-    _cuda_check(lib.cudaMemcpyBatchAsync(d.ctypes.data, s.ctypes.data, sizes.ctypes.data, len(d),
+    attrs, idx = _batch_attrs(src_on_device, device)
+    sizes = np.full(len(dsts), nbytes, dtype=np.uint64)
+    _cuda_check(lib.cudaMemcpyBatchAsync(dsts.ctypes.data, srcs.ctypes.data, sizes.ctypes.data, len(dsts),
                                          ctypes.byref(attrs), idx, 1, stream), "cudaMemcpyBatchAsync")
 
 
