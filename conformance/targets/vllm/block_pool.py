@@ -168,7 +168,7 @@ class VLLMPrefixCache(Target):
         return [list(g) for g in self.mgr.get_block_ids(r.request_id)]
 
     # -------------------------------------------------------------- the interface
-    def alloc(self, tokens):
+    def alloc(self, tokens: list[int]) -> tuple[object, int]:
         self.mgr.new_step_starts()  # each operation is one scheduler step
         r = self._request(tokens)
         blocks, n = self._hit(r)
@@ -186,7 +186,7 @@ class VLLMPrefixCache(Target):
         self.held[r.request_id] = Held(r, tuple(tokens), [b for g in ids for b in g if b != 0])
         return r, n
 
-    def insert(self, tokens, kv):
+    def insert(self, tokens: list[int], kv: tuple[object, int]) -> Inserted:
         r, n = kv
         end = self._pages(tokens)[-1]
         had = {b.block_id for b in self._cached(end, 1)} if self.info.sidecar == "mamba" else set()
@@ -202,13 +202,13 @@ class VLLMPrefixCache(Target):
             return Inserted(cached, mamba_used=not had and bool(self._cached(end, 1)))
         return Inserted(cached)
 
-    def match(self, tokens):
+    def match(self, tokens: list[int]) -> Match:
         blocks, n = self._hit(self._request(tokens))
         ps = self.info.page_size
         slots = [b * ps + i for b in (blocks.get_block_ids()[0] if n else []) for i in range(ps)]
         return Match(device_len=n, best_len=n, node=Node(tuple(tokens[:n])), device_indices=slots)
 
-    def data_ok(self, tokens, m) -> bool:
+    def data_ok(self, tokens: list[int], m: Match) -> bool:
         """D1: token slot i (block * page + offset) lies in a block written with tokens' page i // page."""
         ps, pages = self.info.page_size, self._pages(tokens)
         return all(self.content.get(s // ps) == pages[i // ps] for i, s in enumerate(m.device_indices))
@@ -220,15 +220,15 @@ class VLLMPrefixCache(Target):
         got = self.pool.cached_block_hash_to_block._cache.get(self.ku.make_block_hash_with_group_id(h, group))
         return [] if got is None else (list(got.values()) if isinstance(got, dict) else [got])
 
-    def alive(self, node) -> bool:
+    def alive(self, node: Node) -> bool:
         """A match result stays lockable while vLLM would still hit all of it (with SWA: its
         window too); vLLM can hold nothing else, having no nodes."""
         return not node.prefix or self._hit(self._request(node.prefix))[1] == len(node.prefix)
 
-    def node_prefix(self, node) -> Prefix:
+    def node_prefix(self, node: Node) -> Prefix:
         return node.prefix
 
-    def lock(self, node):
+    def lock(self, node: Node) -> Held:
         if not node.prefix:
             return Held(None, (), [])
         self.mgr.new_step_starts()
@@ -242,14 +242,14 @@ class VLLMPrefixCache(Target):
         self.held[r.request_id] = h
         return h
 
-    def locked_prefix(self, lock) -> Prefix:
+    def locked_prefix(self, lock: Held) -> Prefix:
         return lock.prefix
 
-    def unlock(self, lock):
+    def unlock(self, lock: Held) -> None:
         if lock.request is not None:
             self._release(lock)
 
-    def evict(self, n):
+    def evict(self, n: int) -> int:
         before = {p for p in self.hash_of if self._cached(p)}
         popped, lost = [], set()
         while len(lost) * self.info.page_size < n and self.pool.get_num_free_blocks() > 0:

@@ -125,7 +125,7 @@ class VLLMOffload(Target):
         return self.mgr._policy.get(key)
 
     # -------------------------------------------------------------- the interface
-    def alloc(self, tokens):
+    def alloc(self, tokens: list[int]) -> tuple[object, list, int]:
         keys = self._keys(tokens)
         hit = self._hits(keys)
         pages = self._pages(tokens)
@@ -139,30 +139,30 @@ class VLLMOffload(Target):
             self.content[int(c)] = self.prefix_of[k]  # the worker writes the chunks
         return ctx, out.keys_to_store, hit
 
-    def insert(self, tokens, kv):
+    def insert(self, tokens: list[int], kv: tuple[object, list, int]) -> Inserted:
         ctx, stored, hit = kv
         self.mgr.complete_store(stored, ctx)
         self._finish(ctx, self._pages(tokens))
         return Inserted(hit * self.info.page_size)
 
-    def match(self, tokens):
+    def match(self, tokens: list[int]) -> Match:
         keys = self._keys(tokens)
         n = self._hits(keys)
         ps = self.info.page_size
         slots = [self._chunk(k).chunk_id * ps + i for k in keys[:n] for i in range(ps)]
         return Match(device_len=n * ps, best_len=n * ps, node=Node(tuple(tokens[: n * ps])), device_indices=slots)
 
-    def data_ok(self, tokens, m) -> bool:
+    def data_ok(self, tokens: list[int], m: Match) -> bool:
         ps, pages = self.info.page_size, self._pages(tokens)
         return all(self.content.get(s // ps) == pages[i // ps] for i, s in enumerate(m.device_indices))
 
-    def alive(self, node) -> bool:
+    def alive(self, node: Node) -> bool:
         return self._hits(self._keys(node.prefix)) * self.info.page_size == len(node.prefix)
 
-    def node_prefix(self, node) -> Prefix:
+    def node_prefix(self, node: Node) -> Prefix:
         return node.prefix
 
-    def lock(self, node):
+    def lock(self, node: Node) -> Load:
         keys = self._keys(node.prefix)
         n = self._hits(keys)
         if n == 0:
@@ -173,17 +173,17 @@ class VLLMOffload(Target):
         self.loads.append(h)
         return h
 
-    def locked_prefix(self, lock) -> Prefix:
+    def locked_prefix(self, lock: Load) -> Prefix:
         return lock.prefix
 
-    def unlock(self, lock):
+    def unlock(self, lock: Load) -> None:
         if lock.ctx is None:
             return
         self.mgr.complete_load(lock.keys, lock.ctx)
         self.loads.remove(lock)
         self._finish(lock.ctx, self._pages(lock.prefix))
 
-    def evict(self, n):
+    def evict(self, n: int) -> int:
         before = self.abstract()
         ps = self.info.page_size
         evictable = sum(1 for g in before.pages.values() if g.lock == 0)

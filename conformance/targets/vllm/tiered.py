@@ -21,10 +21,10 @@ copy: a loaded GPU block holds what its CPU chunk held.
 
 from __future__ import annotations
 
-from conformance.target import CORE_OPS, Match, TargetError, TargetInfo
+from conformance.target import CORE_OPS, Inserted, Match, TargetError, TargetInfo
 from models.abstract import Model, Page
 
-from .block_pool import KNOWN, VLLMPrefixCache
+from .block_pool import KNOWN, Held, VLLMPrefixCache
 from .offload import VLLMOffload
 
 
@@ -38,7 +38,7 @@ class VLLMTiered(VLLMPrefixCache):
                                host=True, ops=CORE_OPS | {"load_back"}, allow=KNOWN,
                                notes="vLLM 0.33.0 KVCacheManager + CPUOffloadingManager (LRU), write-through")
 
-    def insert(self, tokens, kv):
+    def insert(self, tokens: list[int], kv: tuple[object, int]) -> Inserted:
         got = super().insert(tokens, kv)
         try:  # the connector offloads the request's blocks once computed
             self.host.insert(tokens, self.host.alloc(tokens))
@@ -51,14 +51,14 @@ class VLLMTiered(VLLMPrefixCache):
         keys = self.host._keys(tokens)[start_page:]
         return self.host._hits(keys)
 
-    def match(self, tokens):
+    def match(self, tokens: list[int]) -> Match:
         m = super().match(tokens)
         ps = self.info.page_size
         h = self._host_run(tokens, m.device_len // ps) * ps
         return Match(device_len=m.device_len, best_len=m.device_len + h, node=m.node, device_indices=m.device_indices,
                      last_host_len=m.device_len + h, host_hit=h)
 
-    def load_back(self, tokens):
+    def load_back(self, tokens: list[int]) -> int | None:
         ps = self.info.page_size
         self.mgr.new_step_starts()
         r = self._request(tokens)
@@ -86,9 +86,7 @@ class VLLMTiered(VLLMPrefixCache):
         self._release(self.held[r.request_id])
         return self._hit(self._request(tokens))[1]
 
-    def _held(self, r, prefix):
-        from .block_pool import Held
-
+    def _held(self, r, prefix) -> Held:
         return Held(r, prefix, [b for g in self._block_ids(r) for b in g if b != 0])
 
     def abstract(self) -> Model:
