@@ -76,8 +76,18 @@ def make_factory(name: str):
     return lambda: obj(*spec.args)
 
 
+def _with_base(cls: type[ConformanceMachine], name: str) -> type[ConformanceMachine]:
+    """`cls` (built by machine_for) rebased on the target's own machine class, where it has one."""
+    spec = TARGETS[name]
+    if spec.machine is None:
+        return cls
+    mod, _, attr = spec.machine.partition(":")
+    base = getattr(importlib.import_module(mod), attr)
+    return type(cls.__name__, (base,), {"FACTORY": staticmethod(cls.FACTORY)})
+
+
 def machine(name: str) -> type[ConformanceMachine]:
-    return machine_for(make_factory(name), name)
+    return _with_base(machine_for(make_factory(name), name), name)
 
 
 def _settings(examples: int, steps: int) -> settings:
@@ -172,7 +182,7 @@ def strict_machine(name: str) -> type[ConformanceMachine]:
         t.info = replace(t.info, allow=frozenset())
         return t
 
-    return machine_for(strict, name)
+    return _with_base(machine_for(strict, name), name)
 
 
 def replay_calls(name: str, calls: list, strict: bool = False) -> str | None:

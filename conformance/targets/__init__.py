@@ -19,7 +19,9 @@ class TargetSpec:
     factory: "package.module:callable" returning a `conformance.target.Target` (called with `args`).
     sglang: the sglang version it needs (its process loads that version; another runs in a child).
     requires: optional "package.module:function" returning '' when the target can run here, else
-    why not (one sentence), for engines other than sglang."""
+    why not (one sentence), for engines other than sglang.
+    machine: optional "package.module:Class", a subclass of `conformance.machine.ConformanceMachine`
+    with more rules (e.g. `conformance.machine_storage:StorageMachine`); default the one machine."""
 
     factory: str
     sglang: str | None = None
@@ -27,6 +29,7 @@ class TargetSpec:
     page_size: int = 2
     args: tuple = ()
     requires: str | None = None
+    machine: str | None = None
 
     def resolve(self) -> Callable:
         mod, _, attr = self.factory.partition(":")

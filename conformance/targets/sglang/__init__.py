@@ -56,3 +56,13 @@ TARGETS.update({
         "direct IO, page 1; a GPU, or CPU stand-ins for pinning and copies", 1, args=(policy,))
     for policy, suffix in _POLICIES.items() if policy != "write_back"
 })
+# With SGLang's file storage backend (L3) and each prefetch stop policy; the machine adds a prefetch rule.
+_STOP = {"wait_complete": "", "best_effort": "-best-effort", "timeout": "-timeout"}
+TARGETS.update({
+    f"sglang-hicache-{core}-storage{suffix}": TargetSpec(
+        f"{_H}:SGLangUniHiCache", V_NEW,
+        f"SGLang 0.5.23 HiCache (FULL), {label} tree core, write_through, file storage backend (L3), "
+        f"prefetch stop policy {stop}, page 2", args=(core, "write_through", stop),
+        machine="conformance.machine_storage:StorageMachine")
+    for core, label in _CORES.items() for stop, suffix in _STOP.items()
+})

@@ -61,6 +61,26 @@ def seed_25088() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def seed_26945() -> Iterator[None]:
+    """#26945 "truncate mamba prefetch length to available host KV size": when L2 could not take a
+    prefetch's whole hit even after host eviction, the prefetch was abandoned; the fix truncates it
+    to the page-aligned free size (above the threshold). HiMambaRadixCache is gone in 0.5.23; its
+    equivalent is the hit-time L2 allocation every UnifiedRadixCache prefetch goes through,
+    `HybridCacheController.allocate_storage_hit`, whose `allow_partial` path is that truncation: the
+    revert takes it away (the allocation then stands or falls whole, as before the fix)."""
+    _load()
+    from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController
+
+    orig = HybridCacheController.allocate_storage_hit
+
+    def allocate(self, operation, hit_tokens, *, allow_partial, min_tokens, evict_host):
+        return orig(self, operation, hit_tokens, allow_partial=False, min_tokens=min_tokens, evict_host=evict_host)
+
+    with mock.patch.object(HybridCacheController, "allocate_storage_hit", allocate):
+        yield
+
+
 SEEDS: dict[int, Seed] = {
     25088: Seed(25088, "HiCache load-back anchored at last_host_node instead of best_match_node",
                 "sglang-hicache-mamba", seed_25088,
@@ -70,10 +90,13 @@ SEEDS: dict[int, Seed] = {
                 "sglang-hicache-mamba", None, (),
                 where="UnifiedRadixCache._can_terminate_prefetch in 0.5.23; needs a storage tier and a "
                       "prefetch operation, which the conformance machine does not drive yet"),
-    26945: Seed(26945, "mamba prefetch abandoned instead of truncated when L2 allocation fails",
-                "sglang-hicache-mamba", None, (),
-                where="UnifiedRadixCache.prefetch_from_storage in 0.5.23 (it truncates); needs a storage tier "
-                      "and a prefetch operation, which the conformance machine does not drive yet"),
+    26945: Seed(26945, "prefetch abandoned instead of truncated when L2 cannot take the whole hit",
+                "sglang-hicache-python-storage", seed_26945, ("must truncate to what fits",),
+                calls=(("insert", [3, 3, 2, 2, 2, 2, 1, 1, 2, 2]), ("insert", [2, 2, 1, 1]),
+                       ("insert", [1, 2, 1, 1, 2, 2, 1, 2, 1, 1]),
+                       ("prefetch", [3, 3, 2, 2, 2, 2, 1, 1, 2, 2, 3, 3, 2, 2, 1, 2])),
+                where="HybridCacheController.allocate_storage_hit (allow_partial) in 0.5.23; FULL-only target: "
+                      "the truncation is no longer mamba-specific"),
     23427: Seed(23427, "move_hybrid_indices rewrites the tree's PoolTransfer indices in place",
                 "sglang-hicache-mamba", None, (),
                 where="HybridCacheController.move_hybrid_indices in 0.5.23; on the CPU the moved indices "

@@ -20,6 +20,11 @@ derived from a descendant's).
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+import time
 from array import array
 
 import torch
@@ -44,7 +49,9 @@ class SGLangUniHiCache(Target):
     # init_load_back as InitLoadBackParams.best_match_node); seeds.py reverts it for one seed.
     LOAD_BACK_ANCHOR = "best_match_node"
 
-    def __init__(self, core: str = "python", policy: str = "write_through"):
+    def __init__(self, core: str = "python", policy: str = "write_through", prefetch: str | None = None):
+        """`prefetch`: None (no storage tier), or the prefetch stop policy ("best_effort",
+        "wait_complete", "timeout") with SGLang's file storage backend in a fresh directory."""
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import cache_init_params as cip
@@ -61,14 +68,28 @@ class SGLangUniHiCache(Target):
             cpu_stand_ins()
         ps, n = 2, 16
         self.policy, self.core = policy, core
-        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}", page_size=ps,
-                               ops=CORE_OPS | {"load_back"}, device_tokens=n, host=True, sglang=V_NEW,
-                               exact_locks=False, stamps=False, allow=self.allowances(policy),
+        suffix = "" if prefetch is None else "-storage" + ("" if prefetch == "wait_complete" else
+                                                          "-" + prefetch.replace("_", "-"))
+        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{suffix}", page_size=ps,
+                               ops=CORE_OPS | {"load_back"} | ({"prefetch"} if prefetch else set()), device_tokens=n,
+                               host=True, sglang=V_NEW, exact_locks=False, stamps=False, allow=self.allowances(policy),
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
+        self.prefetch_policy, self.storage_dir = prefetch, None
+        storage = {}
+        if prefetch is not None:
+            self.storage_dir = tempfile.mkdtemp(prefix="refcache-l3-")
+            os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.storage_dir  # HiCacheFile reads it
+            storage = dict(hicache_storage_backend="file", hicache_storage_prefetch_policy=prefetch,
+                           hicache_storage_backend_extra_config=json.dumps({"prefetch_threshold": 2 * ps}))
         sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
-                        hicache_mem_layout="page_first_direct", hicache_write_policy=policy, hicache_ratio=1.5,
-                        device=dev)
+                        hicache_mem_layout="page_first_direct", hicache_write_policy=policy,
+                        hicache_ratio=1.5 if prefetch is None else 1.25,  # L2 pressure makes prefetches truncate
+                        device=dev, **storage)
         set_global_server_args_for_scheduler(sa)
+        if prefetch is not None:  # one rank; the file backend names its files by rank
+            from sglang.srt.runtime_context import get_parallel
+
+            get_parallel().override_permanently(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
         self.kv = mp.MHATokenToKVPool(size=n, page_size=ps, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
                                       device=dev, enable_memory_saver=False)
         self.alloc_ = PagedTokenToKVPoolAllocator(size=n, page_size=ps, dtype=torch.bfloat16, device=dev,
@@ -81,9 +102,13 @@ class SGLangUniHiCache(Target):
                                  f"instead of {core}")
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
+        if dev == "cpu":  # the storage path's staging pages ask for pinned memory
+            for entry in self.cache.host_pool_group.entries:
+                entry.host_pool.pin_memory = False
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
         self.k0 = self.kv.get_key_buffer(0)
+        self.requests = 0
         self.ids: dict[Prefix, int] = {}
         self.prefixes: list[Prefix] = []
         self.prefix_of: dict = {}  # match/lock handle -> the prefix the machine asked for
@@ -120,13 +145,16 @@ class SGLangUniHiCache(Target):
 
     def _settle(self) -> None:
         c = self.cache
-        for _ in range(1000):
+        for i in range(5000):
             c.check_hicache_events()
             cc = c.cache_controller
-            if not c.ongoing_write_through and not c.ongoing_load_back and not cc.write_queue and not cc.load_queue:
+            if not c.ongoing_write_through and not c.ongoing_load_back and not cc.write_queue and not cc.load_queue \
+                    and not c.ongoing_backup:
                 return
             if self.dev == "cuda":
                 torch.cuda.synchronize()
+            if c.ongoing_backup and i > 10:  # L3 writes run on the controller's storage thread
+                time.sleep(0.001)
         raise AssertionError(f"operations never acknowledged: writes {list(c.ongoing_write_through)}, "
                              f"loads {list(c.ongoing_load_back)}")
 
@@ -185,6 +213,50 @@ class SGLangUniHiCache(Target):
             if not got:
                 return None
         return self.match(tokens).device_len
+
+    # ----------------------------------------------------------------- storage tier (L3)
+    def l3_pages(self, tokens: list[int]) -> list[bool]:
+        """For each page of `tokens`: whether L3 holds it (the backend asked directly)."""
+        from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+        ps = self.info.page_size
+        keys = get_storage_hash_str(array("q", tokens[: len(tokens) // ps * ps]), None, page_size=ps)
+        backend = self.cache.cache_controller.storage_backend
+        return [bool(backend.exists(k)) for k in keys]
+
+    def host_free(self) -> int:
+        return self.cache.cache_controller.mem_pool_host.available_size()
+
+    def prefetch(self, tokens: list[int]) -> dict:
+        """Prefetch `tokens` from L3 as the scheduler does: match, prefetch what follows the host
+        match (anchored at last_host_node, hash chain continued from it), then poll the progress
+        until the request may stop waiting. Returns {anchor_len, outcome: the counter it bumped}."""
+        c = self.cache
+        m = c.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._settle()
+        anchor = m.last_host_node
+        start = self._end(anchor)
+        self.requests += 1
+        req = self.b.CacheRequestHandle(f"conformance-{self.requests}", 0)
+        before = dict(c._prefetch_outcome_stats)
+        c.prefetch_from_storage(req, anchor, array("q", tokens[start:]), self.tc.get_last_hash_value(anchor),
+                                matched_prefix_tokens=list(tokens[:start]))
+        deadline = time.monotonic() + 10
+        while not c.check_prefetch_progress(req):
+            c.check_hicache_events()
+            if time.monotonic() > deadline:
+                raise AssertionError(f"prefetch of {tokens} never finished ({self.prefetch_policy})")
+            time.sleep(0.001)
+        c.pop_prefetch_loaded_tokens(req)
+        c.discard_storage_prefetch_accounting(req)
+        self._settle()
+        # The nodes a prefetch inserts hold no device data yet: they lie on the request's path.
+        for i, path in self._nodes().items():
+            end = path[-1].path_end
+            if i not in self.node_prefix_ and end <= len(tokens):
+                self.node_prefix_[i] = tuple(tokens[:end])
+        bumped = [k for k, v in c._prefetch_outcome_stats.items() if v != before.get(k)]
+        return {"anchor_len": start, "outcome": bumped}
 
     def alive(self, node) -> bool:
         try:
@@ -300,6 +372,9 @@ class SGLangUniHiCache(Target):
         import atexit
 
         atexit.unregister(self.cache.shutdown)
+        if self.storage_dir is not None:
+            self.cache.shutdown()
+            shutil.rmtree(self.storage_dir, ignore_errors=True)
         self.cache.release_host_resources()
 
 
@@ -359,6 +434,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         self.k0 = self.kv.full_kv_pool.get_key_buffer(self.kv.full_kv_pool.start_layer)
         self.ids, self.prefixes, self.prefix_of, self.node_prefix_ = {}, [], {}, {}
         self.live, self.top = set(), self.root
+        self.prefetch_policy, self.storage_dir, self.requests = None, None, 0
 
     def alloc(self, tokens):
         idx = super().alloc(tokens)
