@@ -19,8 +19,14 @@ a loader that imports much of `sglang.srt`. This module stands in for that loade
   `-shared -ltvm_ffi -lcudart`, loaded with `tvm_ffi.load_module`.
 
 Needs `apache-tvm-ffi==0.1.11` (what sglang 0.5.23 pins) importable, nvcc, and a copy of those
-SGLang files under `root` (`REFCACHE_SGLANG_SRC`, default `.sgl` in the repository root) laid out
-as in the sglang package: `root/sglang/kernels/...`.
+SGLang files under `root` (`REFCACHE_SGLANG_SRC`, default `.sgl` in the repository root, ignored
+by git) laid out as in the sglang package: `root/sglang/kernels/...` (`--populate SITE` copies
+them from an installed sglang). Modules are built on first use and cached under
+`REFCACHE_SGLANG_BUILD` (default /tmp/refcache_sglang_jit); `--publish` copies them to
+`root/prebuilt/<target>/`, which is tried first (a copy that does not load is rebuilt), so a
+GPU machine without time to compile can carry them: on the H200 runs of benchmarks/RESULTS.md
+the modules were compiled on the development machine (nvcc 13.0, as on the GPU machine) with
+`REFCACHE_SGLANG_ARCH=90 REFCACHE_SGLANG_BUILD_ONLY=1 python -m benchmarks.sglang_hicache --publish`.
 """
 
 from __future__ import annotations
@@ -382,6 +388,26 @@ class SGLangHostPool:
             self.host[:, :, host_tokens] = float("nan")
 
 
+NEEDED = ["sglang/kernels/ops/kvcache/hicache.py", "sglang/kernels/jit/include"] + [
+    f"sglang/kernels/jit/csrc/kvcacheio/{f}.cuh" for f in ("hicache", "hicache_tma", "staged_write_back", "relayout")]
+
+
+def populate(site: pathlib.Path) -> None:
+    """Copy what this module needs from an installed sglang (`pip install --no-deps sglang==0.5.23`
+    into `site`) to root_dir(). The tvm-ffi wheel goes beside it by hand:
+    `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64
+    -d <root> apache-tvm-ffi==0.1.11`."""
+    root = root_dir()
+    for rel in NEEDED:
+        src, dst = site / rel, root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, dirs_exist_ok=True)
+        else:
+            shutil.copy2(src, dst)
+    print(f"copied {len(NEEDED)} SGLang paths from {site} to {root}")
+
+
 def main(argv=None) -> int:
     """Compile the three modules without a GPU (REFCACHE_SGLANG_ARCH=90) or with one; report."""
     import argparse
@@ -389,7 +415,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="build SGLang's HiCache JIT modules")
     ap.add_argument("--element-size", type=int, default=2048)
     ap.add_argument("--publish", action="store_true", help="copy the built modules to <root>/prebuilt/<target>/")
+    ap.add_argument("--populate", metavar="SITE",
+                    help="first copy the needed files from an installed sglang (the folder holding sglang/) to root")
     a = ap.parse_args(argv)
+    if a.populate:
+        populate(pathlib.Path(a.populate))
     res = prebuild(a.element_size)
     for k, v in res.items():
         print(f"{k}: {v}")

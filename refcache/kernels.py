@@ -11,17 +11,17 @@ picks one with `select_mechanism`):
 - `kernel`: one Triton launch; each program moves `KernelShape.runs` consecutive runs (one tile
   of each). Pinned host memory is read and written through its device pointer (UVA), so a
   scattered batch needs no staging and no per-page launch. Asynchronous on the current CUDA
-  stream. On an H200 over PCIe 5 it reaches ~0.95 of a contiguous pinned copy, whatever the
-  launch shape: SM loads and stores across PCIe top out there.
-- `dma`: one cudaMemcpy2DAsync per page (the copy engine, no staging); 0.97-0.99 of the
-  contiguous copy for pages of 8 MiB (64 tokens here), worse than the kernel for small pages
-  (a gap of a few microseconds per copy). Needs the page numbers on the CPU: chosen by default
+  stream. On an H200 over PCIe 5 it reaches ~0.95 of a contiguous pinned copy device to host and
+  ~0.925 host to device, whatever the launch shape: SM loads and stores across PCIe top out there.
+- `dma`: one cudaMemcpy2DAsync per page (the copy engine, no staging); ~0.98 of the
+  contiguous copy for pages of 8 MiB (64 tokens of an 8B-class model), worse than the kernel
+  for small pages (a gap of a few microseconds per copy). Needs the page numbers on the CPU: chosen by default
   only when both page lists are CPU tensors and pages are large (`DMA_MIN_PAGE_BYTES`,
   `DMA_MIN_RUN_BYTES`). Asynchronous on the current stream.
 - `dma_batch`: the kernel gathers (or scatters) the device side through a page-first staging
   buffer as large as the batch, one cudaMemcpyBatchAsync moves the host pages (one copy per
   page; on the legacy default stream, which the batch call refuses, one cudaMemcpyAsync per
-  page). 0.96-0.97 of the contiguous copy for 2 MiB pages; chosen by default for pages of
+  page). 0.94-0.97 of the contiguous copy for 2 MiB pages; chosen by default for pages of
   `DMA_BATCH_MIN_PAGE_BYTES` up to the `dma` threshold, CPU page lists only. Asynchronous on the
   current stream.
 - `copy_engine`: gather on the GPU into a staging buffer, then one DMA copy per run of
@@ -101,9 +101,9 @@ def default_mechanism(src: torch.Tensor, dst: torch.Tensor) -> str:
 
 
 # Copy-engine thresholds for CPU-resident page lists (H200, PCIe 5, benchmarks/RESULTS.md):
-DMA_MIN_PAGE_BYTES = 4 << 20  # one 2D copy a page: 8 MiB pages 0.98 of contiguous, 2 MiB ones 0.92
+DMA_MIN_PAGE_BYTES = 4 << 20  # one 2D copy a page: 8 MiB pages 0.98 of contiguous, 2 MiB ones 0.88-0.93
 DMA_MIN_RUN_BYTES = 64 << 10  # ... with runs (rows of the 2D copy) at least this long
-DMA_BATCH_MIN_PAGE_BYTES = 1 << 20  # staging + one batched copy: 2 MiB pages 0.96-0.97, 128 KiB 0.80-0.88
+DMA_BATCH_MIN_PAGE_BYTES = 1 << 20  # staging + one batched copy: 2 MiB pages 0.94-0.97, 128 KiB 0.80-0.89
 
 
 def select_mechanism(src: torch.Tensor, src_geom: PageGeometry, src_pages: torch.Tensor,
