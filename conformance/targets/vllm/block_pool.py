@@ -83,11 +83,17 @@ class VLLMPrefixCache(Target):
     applies to states: past a shorter usable hit vLLM recomputes and files a second state block
     under the end page's hash even when one is cached, where the model reuses it. `insert`
     reports mamba_used as the model means it (the end page gained a state it lacked), so that
-    decision is not judged independently on vLLM; that the end holds a state afterwards is."""
+    decision is not judged independently on vLLM; that the end holds a state afterwards is.
+
+    engine_cap (`vllm-prefix-engine`): insert asks for a hit of at most len(tokens) - 1 tokens, as
+    the scheduler does (the last token is recomputed for its logits), so a fully cached prompt
+    recomputes its last block and vLLM files it beside the cached one under the same hash; the
+    duplicate is reported as cached, as for SWA. Matches and locks still ask for everything."""
 
     SWA_WINDOW = 4
 
-    def __init__(self, attention: str = "full", page_size: int = 2, device_tokens: int | None = None):
+    def __init__(self, attention: str = "full", page_size: int = 2, device_tokens: int | None = None,
+                 engine_cap: bool = False):
         shim.load()
         from vllm.utils.hashing import sha256
         from vllm.v1.core import kv_cache_utils as ku
@@ -120,6 +126,10 @@ class VLLMPrefixCache(Target):
             groups.append(KVCacheGroupSpec(["layer1"], MambaSpec(block_size=ps, shapes=((8,),), dtypes=(torch.float32,),
                                                                  mamba_cache_mode="align")))
         self.groups = len(groups)
+        self.engine_cap = engine_cap  # insert asks for at most len - 1 tokens, as the scheduler does
+        if engine_cap:
+            self.info = TargetInfo(self.info.name + "-engine", page_size=ps, device_tokens=device_tokens, ops=CORE_OPS,
+                                   sidecar=self.info.sidecar, allow=KNOWN, notes=self.info.notes)
         self.window = self.SWA_WINDOW - 1 if swa else 0
         cfg = KVCacheConfig(num_blocks=device_tokens // ps + 1, kv_cache_tensors=[], kv_cache_groups=groups)
         self.mgr = KVCacheManager(cfg, max_model_len=1024, scheduler_block_size=ps, hash_block_size=ps,
@@ -148,8 +158,8 @@ class VLLMPrefixCache(Target):
             self.hash_of.setdefault(p, h)
         return r
 
-    def _hit(self, r) -> tuple[object, int]:
-        blocks, n, _ = self.mgr.get_computed_blocks(r, max_cache_hit_length=r.num_tokens)
+    def _hit(self, r, cap: int | None = None) -> tuple[object, int]:
+        blocks, n, _ = self.mgr.get_computed_blocks(r, max_cache_hit_length=r.num_tokens if cap is None else cap)
         return blocks, n
 
     def _release(self, h: Held) -> None:
@@ -171,7 +181,7 @@ class VLLMPrefixCache(Target):
     def alloc(self, tokens: list[int]) -> tuple[object, int]:
         self.mgr.new_step_starts()  # each operation is one scheduler step
         r = self._request(tokens)
-        blocks, n = self._hit(r)
+        blocks, n = self._hit(r, len(tokens) - 1 if self.engine_cap else None)
         new = self.mgr.allocate_slots(r, len(tokens) - n, n, blocks, delay_cache_blocks=True)
         if new is None:
             self.mgr.free(r)
@@ -192,9 +202,11 @@ class VLLMPrefixCache(Target):
         had = {b.block_id for b in self._cached(end, 1)} if self.info.sidecar == "mamba" else set()
         self.mgr.cache_blocks(r, len(tokens))
         ps, cached = self.info.page_size, n
-        if self.groups > 1:  # pages past the hit that vLLM filed beside an already cached block of that hash
-            for p in self._pages(tokens)[n // ps:]:
-                if len(self._cached(p)) < 2:
+        if self.groups > 1 or self.engine_cap:  # pages past the hit vLLM filed beside a cached block of that hash
+            own = self.held[r.request_id].block_ids  # full-attention blocks first, one per page
+            for i, p in enumerate(self._pages(tokens)[n // ps:], start=n // ps):
+                ids = {b.block_id for b in self._cached(p)}
+                if own[i] not in ids or len(ids) < 2:
                     break
                 cached += ps
         self._release(self.held[r.request_id])
@@ -309,3 +321,8 @@ class VLLMPrefixCache(Target):
             if h.request is not None:
                 self.mgr.free(h.request)
         self.held.clear()
+
+
+def engine_capped() -> VLLMPrefixCache:
+    """`vllm-prefix-engine`: full attention, insert's hit capped at len - 1 as the scheduler asks."""
+    return VLLMPrefixCache(engine_cap=True)

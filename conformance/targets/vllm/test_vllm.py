@@ -104,6 +104,22 @@ def test_swa_duplicates_full_blocks():
 
 
 @needs_vllm
+def test_engine_cap_duplicates_the_last_block():
+    """Contract difference (the scheduler's hit cap): inserting a fully cached prompt again, vLLM
+    hits all but its last block (the last token is recomputed for logits) and files the recomputed
+    block beside the cached one under the same hash; the model counts the whole prompt as cached."""
+    from conformance.targets.vllm.block_pool import engine_capped
+
+    t = engine_capped()
+    tokens = [1, 1, 2, 2]
+    t.insert(tokens, t.alloc(tokens))
+    kv = t.alloc(tokens)
+    got = t.insert(tokens, kv)
+    assert (kv[1], got.cached_len) == (2, 4)
+    assert len(t._cached((1, 1, 2, 2))) == 2 and t.check() == []
+
+
+@needs_vllm
 def test_mamba_duplicates_state_blocks():
     """Contract difference (hybrid full + mamba, align mode): the end page's full block evicted,
     its state kept; a re-insert hits nothing usable, recomputes, and files a second state block
