@@ -497,6 +497,12 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
     else:
         pool = workers.make_pool(jobs)
     out.mkdir(parents=True, exist_ok=True)
+    t_ready = time.monotonic()
+    # workers start (spawn, import torch and the machines) before the clock: the phases' deadlines
+    # are then time to work, not time to start up (several seconds per worker on a busy machine)
+    for f in [pool.submit(workers.task_warm_up, 0.2) for _ in range(jobs if jobs > 1 else 0)]:
+        f.result()
+    start_up = round(time.monotonic() - t_ready, 1)
     t_start, t0 = time.monotonic(), time.time()  # the budget starts once the pool is there
     progress = Progress(deadline=time.monotonic() + budget)
     targets = targets or []
@@ -504,7 +510,7 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
     camp = Campaign(out, seed, device, jobs, meter)
     fixed = plan_fixed(camp, t0, budget, bugs, nodes, proofs, crosshair, targets)
     n_proof_tasks = sum(t[0] is workers.task_proofs for t in fixed)
-    progress(f"{where}: {n_proof_tasks} proof tasks (N={nodes})"
+    progress(f"{where} (started in {start_up} s, before the budget's clock): {n_proof_tasks} proof tasks (N={nodes})"
              f"{', CrossHair' if crosshair else ''}, {len(bugs)} seeded bugs, {len(targets)} targets, "
              "then clean exploration", done=True)
     proofs_reported = False
@@ -547,6 +553,7 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
         rank = {t: k for k, t in enumerate(TRANSITIONS)}
         camp.proofs.sort(key=lambda r: rank.get(r["transition"], len(rank)))
     summary: dict = {"budget_s": budget, "seed": seed, "device": device, "jobs": jobs, "where": where,
+                     "start_up_s": start_up,
                      "bugs_requested": bugs,
                      "proofs": camp.proofs, "crosshair": camp.crosshair, "bugs": rows, "conformance": camp.conformance,
                      "clean": {"steps": camp.clean_steps, "violations": len(camp.failures)}, "machines": camp.machines,

@@ -41,18 +41,24 @@ def _quiet(*_a: Any, **_k: Any) -> None:
     """A worker's progress goes nowhere: the parent prints one line for all of them."""
 
 
+SCRATCH = "\x00scratch\x00"  # stands for the task's scratch folder in the text of its reports
+
+
 def _files(folder: str) -> dict[str, str]:
-    """Every file under `folder`, by relative path: the reports a task wrote, to travel back."""
+    """Every file under `folder`, by relative path: the reports a task wrote, to travel back.
+    Paths into the scratch folder (the replay command names its repro file) are marked, so the
+    parent can point them at the run's own folder."""
     root = Path(folder)
-    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_text().replace(str(root), SCRATCH)
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def write_files(out: Path, files: dict[str, str]) -> None:
-    """Land a task's reports under the run's folder."""
+    """Land a task's reports under the run's folder, their paths pointing there."""
     for rel, text in files.items():
         path = out / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        path.write_text(text.replace(SCRATCH, str(out)))
 
 
 # ---------------------------------------------------------------------------------- tasks

@@ -130,7 +130,7 @@ def test_ascii_tree_marks_the_named_node(found):
 def test_verify_writes_the_documented_summary(tmp_path):
     """Two worker processes: proofs, a hunt and clean slices run side by side and land in one
     summary; CrossHair is turned off, so the verdict must be INCOMPLETE (exit 3) and say so."""
-    code = main(["verify", "--budget", "25", "--bugs", BUG, "--nodes", "2", "--no-crosshair", "--jobs", "2",
+    code = main(["verify", "--budget", "40", "--bugs", BUG, "--nodes", "2", "--no-crosshair", "--jobs", "2",
                  "--out", str(tmp_path), "--seed", "3"])
     s = json.loads((tmp_path / "summary.json").read_text())
     v = s["verdict"]
@@ -143,7 +143,9 @@ def test_verify_writes_the_documented_summary(tmp_path):
     (b,) = s["bugs"]
     assert set(b) >= {"name", "detected", "seconds", "steps_minimized", "invariant", "report", "one_minimal"}
     assert b["detected"] and b["invariant"] == "X1" and (tmp_path / b["report"]).exists()
-    assert b["one_minimal"] is True and "1-minimal" in (tmp_path / b["report_md"]).read_text()
+    md = (tmp_path / b["report_md"]).read_text()
+    assert b["one_minimal"] is True and "1-minimal" in md
+    assert f"-p no:cacheprovider {tmp_path / b['repro']}`" in md  # the replay command names the file in --out
     assert (tmp_path / "index.html").exists() and (tmp_path / "summary.md").exists()
 
 
