@@ -51,7 +51,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "poll": POLL,
     "settle": PARTS + POLL,
     "prefetch": ("prefetch_begin", "prefetch_submit", "prefetch_fail", "evict_host"),
-    "prefetch_progress": ("prefetch_terminate", "split"),
+    # a rank that its TP peers pull into terminating while its own pool transfer is in flight
+    # gives up its part and drains: in the one-rank relation, that is an abort
+    "prefetch_progress": ("prefetch_terminate", "split", "prefetch_abort"),
     "abort_prefetch": ("prefetch_abort",),
     "store": ("store_begin",),
     "write_backup_storage": ("store_begin",),

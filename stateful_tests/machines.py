@@ -392,6 +392,10 @@ class CacheMachine(RuleBasedStateMachine):
                 return v  # a load reserves SWA pages the abstract operation does not list
             cands = [p for p, g in b.pages.items() if getattr(g, side) and g.lock == 0 and p not in b.busy()]
             deferred = [p for p in cands if self._write_back and b.dev_evictable(p) and not b.pages[p].host]
+            # under write-back, freeing one holder can make its parent a device leaf without an L2
+            # copy: its eviction then waits for the backup this step started (a deferred eviction)
+            deferred += [p for k, op in a.ops.items() if self._write_back and k not in b.ops and op.kind == "backup"
+                         for p in op.pages if p in cands]
             if not deferred and unit * len(lost) < min(amount, unit * len(cands)):
                 v.append(f"evict_{side}({amount}) freed {unit * len(lost)} while {len(cands)} holders were evictable")
             sizes = [len(nd.key) if side == "swa" else 1 for nd in before_snap.nodes.values()

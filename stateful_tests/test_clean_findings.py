@@ -1,0 +1,54 @@
+"""Clean-cache disagreements the campaign found, classified and kept: each program replays clean.
+
+Both were found by `refcache verify` on 16 worker processes (the NVIDIA H200 host, 2026-12-02),
+about 1.5 M clean steps in, and both were the oracle being wrong, not the cache:
+
+- A sidecar eviction under write-back may free one holder and thereby make its parent a device
+  leaf with no L2 copy; the parent's eviction then waits for the backup the step started. The
+  amount check counted only holders deferrable *before* the step and called the short eviction a
+  bug. It now counts the pages of a backup the step started as deferred.
+- A rank that its simulated TP peer pulls into terminating while its own mamba pool transfer is
+  in flight gives up its part and drains. The drift guard looked for that step among the
+  one-rank relation's terminations, which never terminate with a pool transfer in flight; in
+  that relation the step is an abort, and the guard now accepts it as one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from campaign.report import replay
+
+FINDINGS = {
+    "swa_write_back_deferred_parent": ("swa/write_back", [
+        "requests_0 = state.first_request(tokens=[1, 1, 2, 2, 1, 1])",
+        "requests_1 = state.insert_new(tokens=[1, 1])",
+        "state.evict_sidecar()",
+        "state.finish_part(fail=False, i=0)",
+        "state.prefetch(extra=[(2, 2)], tokens=requests_1)",
+        "state.poll()",
+        "state.prefetch(extra=[], tokens=requests_1)",
+        "state.evict_sidecar()",  # frees [1,1,2,2]'s SWA, backs [1,1] up before freeing its own
+    ]),
+    "mamba_peer_terminates_with_pool_in_flight": ("mamba/write_back", [
+        "requests_0 = state.first_request(tokens=[1, 1])",
+        "state.evict_sidecar()",
+        "state.settle()",
+        "state.prefetch(extra=[], tokens=requests_0)",
+        "state.peer_view(cap=None, ready=False, terminated=True)",
+        "requests_1 = state.seed_storage(extra=[], keep=1, tokens=[2, 2, 1, 1])",
+        "requests_2 = state.insert_new(tokens=[1, 1])",
+        "state.evict_sidecar()",
+        "state.insert(tokens=requests_2)",
+        "state.prefetch(extra=[], tokens=requests_1)",
+        "state.progress(i=0)",  # the peer stopped: this rank gives up its part, pool transfer in flight
+    ]),
+}
+
+
+@pytest.mark.parametrize("name", FINDINGS)
+def test_clean_finding_replays_without_disagreement(name):
+    machine, rules = FINDINGS[name]
+    r = replay(machine, rules)
+    assert not r.failed, f"{r.check}: {r.message}"
+    assert not r.message, r.message  # every step ran (no precondition or replay problem)
