@@ -66,3 +66,8 @@ TARGETS.update({
         machine="conformance.machine_storage:StorageMachine")
     for core, label in _CORES.items() for stop, suffix in _STOP.items()
 })
+TARGETS["sglang-hicache-mamba-storage"] = TargetSpec(
+    f"{_H}:SGLangUniHiMamba", V_NEW,
+    "SGLang 0.5.23 HiCache (FULL+MAMBA), Python tree core, write_through, file storage backend (L3), "
+    "prefetch stop policy wait_complete, page 1", 1, args=("write_through", "wait_complete"),
+    machine="conformance.machine_storage:StorageMachine")

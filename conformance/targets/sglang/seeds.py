@@ -88,8 +88,11 @@ SEEDS: dict[int, Seed] = {
                 calls=(("insert", [1]), ("insert", [1, 1, 2, 1]), ("evict", 4), ("load_back", [1, 1, 1]))),
     27366: Seed(27366, "HiMamba prefetch terminated while its mamba pool transfer is still in flight",
                 "sglang-hicache-mamba", None, (),
-                where="UnifiedRadixCache._can_terminate_prefetch in 0.5.23; needs a storage tier and a "
-                      "prefetch operation, which the conformance machine does not drive yet"),
+                where="in 0.5.23 the check moved: wait_complete commits on the ACK drain, and the timeout "
+                      "policy's UnifiedRadixCache._prefetch_deadline_expired refuses to cut a prefetch whose KV "
+                      "landed while its sidecar read is pending; reverting that needs a mamba+storage target "
+                      "and a sidecar read still in flight at the deadline, which on the CPU (file backend, "
+                      "synchronous reads) only SGLang's random delay injector produces: not done"),
     26945: Seed(26945, "prefetch abandoned instead of truncated when L2 cannot take the whole hit",
                 "sglang-hicache-python-storage", seed_26945, ("must truncate to what fits",),
                 calls=(("insert", [3, 3, 2, 2, 2, 2, 1, 1, 2, 2]), ("insert", [2, 2, 1, 1]),
@@ -105,7 +108,10 @@ SEEDS: dict[int, Seed] = {
     23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
                 "sglang-hicache-mamba", None, (),
                 where="UnifiedTreeCore._iteratively_delete_tombstone_ancestors in 0.5.23 (checks "
-                      "host_lock_ref); only a storage prefetch holds a host reference across operations"),
+                      "host_lock_ref); the cascade deletes only nodes with FULL KV on neither tier, and a "
+                      "host-referenced node without host KV exists only under write_back (a device-only "
+                      "prefetch anchor pinned) while a prefetch is in flight across operations, which the "
+                      "machine does not drive (its prefetch runs to completion): not done"),
 }
 
 

@@ -68,28 +68,16 @@ class SGLangUniHiCache(Target):
             cpu_stand_ins()
         ps, n = 2, 16
         self.policy, self.core = policy, core
-        suffix = "" if prefetch is None else "-storage" + ("" if prefetch == "wait_complete" else
-                                                          "-" + prefetch.replace("_", "-"))
-        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{suffix}", page_size=ps,
+        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=ps,
                                ops=CORE_OPS | {"load_back"} | ({"prefetch"} if prefetch else set()), device_tokens=n,
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False, allow=self.allowances(policy),
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
-        self.prefetch_policy, self.storage_dir = prefetch, None
-        storage = {}
-        if prefetch is not None:
-            self.storage_dir = tempfile.mkdtemp(prefix="refcache-l3-")
-            os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.storage_dir  # HiCacheFile reads it
-            storage = dict(hicache_storage_backend="file", hicache_storage_prefetch_policy=prefetch,
-                           hicache_storage_backend_extra_config=json.dumps({"prefetch_threshold": 2 * ps}))
         sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
                         hicache_mem_layout="page_first_direct", hicache_write_policy=policy,
                         hicache_ratio=1.5 if prefetch is None else 1.25,  # L2 pressure makes prefetches truncate
-                        device=dev, **storage)
+                        device=dev, **self._storage(prefetch, ps))
         set_global_server_args_for_scheduler(sa)
-        if prefetch is not None:  # one rank; the file backend names its files by rank
-            from sglang.srt.runtime_context import get_parallel
-
-            get_parallel().override_permanently(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+        self._one_rank()
         self.kv = mp.MHATokenToKVPool(size=n, page_size=ps, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
                                       device=dev, enable_memory_saver=False)
         self.alloc_ = PagedTokenToKVPoolAllocator(size=n, page_size=ps, dtype=torch.bfloat16, device=dev,
@@ -108,7 +96,6 @@ class SGLangUniHiCache(Target):
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
         self.k0 = self.kv.get_key_buffer(0)
-        self.requests = 0
         self.ids: dict[Prefix, int] = {}
         self.prefixes: list[Prefix] = []
         self.prefix_of: dict = {}  # match/lock handle -> the prefix the machine asked for
@@ -119,6 +106,28 @@ class SGLangUniHiCache(Target):
     @staticmethod
     def allowances(policy: str) -> frozenset:
         return KNOWN_HI
+
+    def _storage(self, prefetch: str | None, ps: int) -> dict:
+        """ServerArgs for SGLang's file storage backend in a fresh directory ({} without storage)."""
+        self.prefetch_policy, self.storage_dir, self.requests = prefetch, None, 0
+        if prefetch is None:
+            return {}
+        self.storage_dir = tempfile.mkdtemp(prefix="refcache-l3-")
+        os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"] = self.storage_dir  # HiCacheFile reads it
+        return dict(hicache_storage_backend="file", hicache_storage_prefetch_policy=prefetch,
+                    hicache_storage_backend_extra_config=json.dumps({"prefetch_threshold": 2 * ps}))
+
+    def _one_rank(self) -> None:
+        """With storage: a single rank (the file backend names its files by rank)."""
+        if self.prefetch_policy is not None:
+            from sglang.srt.runtime_context import get_parallel
+
+            get_parallel().override_permanently(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+
+    def _suffix(self, prefetch: str | None) -> str:
+        if prefetch is None:
+            return ""
+        return "-storage" + ("" if prefetch == "wait_complete" else "-" + prefetch.replace("_", "-"))
 
     # ----------------------------------------------------------------- data in the KV
     def _id(self, prefix: Prefix) -> int:
@@ -384,7 +393,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
     core's nodes are read directly (`node_by_id`): device and host values and lock counts of both
     components; the seeds (seeds.py) are patched into this core."""
 
-    def __init__(self, policy: str = "write_through"):
+    def __init__(self, policy: str = "write_through", prefetch: str | None = None):
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
         from sglang.srt.mem_cache import base_prefix_cache as b
@@ -402,16 +411,18 @@ class SGLangUniHiMamba(SGLangUniHiCache):
             cpu_stand_ins()
         n, slots = 16, 6
         self.policy, self.core = policy, "python"
-        self.info = TargetInfo(f"sglang-hicache-mamba{POLICY_SUFFIX[policy]}", page_size=1, sidecar="mamba",
-                               ops=CORE_OPS | {"load_back", "evict_mamba"}, device_tokens=n, mamba_slots=slots,
+        self.info = TargetInfo(f"sglang-hicache-mamba{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=1,
+                               sidecar="mamba", device_tokens=n, mamba_slots=slots,
+                               ops=CORE_OPS | {"load_back", "evict_mamba"} | ({"prefetch"} if prefetch else set()),
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False,
-                               allow=self.allowances(policy),
+                               allow=self.allowances(policy) | {"last-host-is-best"},
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
         sa = ServerArgs(model_path="dummy", page_size=1, hicache_io_backend="direct",
                         hicache_mem_layout="page_first_direct", hicache_write_policy=policy, hicache_ratio=1.5,
-                        device=dev)
+                        device=dev, **self._storage(prefetch, 1))
         sa._mamba_cache_chunk_size = 64
         set_global_server_args_for_scheduler(sa)
+        self._one_rank()
         shape = Mamba2StateShape.create(tp_world_size=1, intermediate_size=32, n_groups=1, num_heads=2, head_dim=8,
                                         state_size=8, conv_kernel=4)
         self.req_pool = mp.HybridReqToTokenPool(
@@ -429,12 +440,14 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         self.cache = UnifiedRadixCache(params)
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
+        if dev == "cpu":
+            for entry in self.cache.host_pool_group.entries:
+                entry.host_pool.pin_memory = False
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
         self.k0 = self.kv.full_kv_pool.get_key_buffer(self.kv.full_kv_pool.start_layer)
         self.ids, self.prefixes, self.prefix_of, self.node_prefix_ = {}, [], {}, {}
         self.live, self.top = set(), self.root
-        self.prefetch_policy, self.storage_dir, self.requests = None, None, 0
 
     def alloc(self, tokens):
         idx = super().alloc(tokens)
