@@ -234,9 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="list every target: name, what it is, whether it runs here")
     a = ap.parse_args(argv)
     if a.list:
+        width = max(map(len, TARGETS))
         for n, spec in TARGETS.items():
             why = unavailable_reason(n)
-            print(f"{n:34} {spec.what}  [{'available' if not why else 'unavailable: ' + why}]")
+            print(f"{n:{width}}  {spec.what}  [{'available' if not why else 'unavailable: ' + why}]")
         return 0
     if a.replay:
         print(json.dumps({"error": replay_calls(a.target[0], json.loads(a.replay), a.strict)}))
