@@ -51,9 +51,10 @@ from refcache import (
 )
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
-from refcache.storage import FileStorage, MemoryStorage
+from refcache.storage import MemoryStorage
 from refcache.transfer import PartStatus
 
+from . import l3_records
 from .data_oracle import data_errors, geometry, served_ok, write_request, write_state
 from .peer_ranks import PeerRanks, PeerView
 
@@ -128,10 +129,13 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _open_storage(self, name: str, page_shape, dtype):
         """L3 as this machine's backend kind: in memory (roomy), or files in a directory with room
-        for few pages, so L3's own LRU eviction happens too."""
+        for few pages, so L3's own LRU eviction happens too; every read of a file is judged against
+        the record format (l3_records.CheckedFileStorage: an intact record of the page must be
+        served, anything else must be a miss)."""
         if self.l3_dir is None:
             return MemoryStorage(256, page_shape, dtype)
-        return FileStorage(os.path.join(self.l3_dir, name), page_shape, dtype, capacity_pages=12, fsync=False)
+        return l3_records.CheckedFileStorage(os.path.join(self.l3_dir, name), page_shape, dtype, capacity_pages=12,
+                                             fsync=False)
 
     # ------------------------------------------------------------------ lockstep helper
     def _step(self, what: str, allowed: Allowed, check=None) -> None:
@@ -602,6 +606,28 @@ class CacheMachine(RuleBasedStateMachine):
         self.storage.faults.inject(kind, op)
         self.put_faults = self.put_faults or op == "put"
         self._step(f"storage_fault {kind} {op}", Allowed())
+
+    @precondition(lambda self: self.l3_dir is not None)
+    @rule(tokens=requests, k=st.integers(0, 7), kind=st.sampled_from(l3_records.FORGERIES), r=st.integers(0, 255))
+    def storage_forged_record(self, tokens, k, kind, r):
+        """The file of one page of a prefix now holds an intact record that is not that page's:
+        another key's file copied over it (misplaced), a stale record of another page, page size,
+        layout or dtype, a header field off, or the file cut short or run long. A read of it may
+        bring nothing, never its data (CheckedFileStorage and D1 judge every read)."""
+        hashes = page_hashes(ROOT_HASH, tokens, PS)
+        i = k % len(hashes)
+        st_ = self.storage
+        files = sorted(f for f in os.listdir(st_.directory) if f.endswith(".page") and f != f"{hashes[i]:016x}.page")
+        donor = None
+        if files:
+            with open(os.path.join(st_.directory, files[r % len(files)]), "rb") as f:
+                donor = f.read()
+        wrong = l3_records.invert(l3_records.page_bytes(page_kv(tuple(tokens[: (i + 1) * PS]), geometry(self.cache))))
+        record = l3_records.forge(kind, hashes[i], st_.page_shape, st_.dtype, wrong, donor, r)
+        with open(os.path.join(st_.directory, f"{hashes[i]:016x}.page"), "wb") as f:
+            f.write(record)
+        self.put_faults = True  # L3 now loses pages behind the cache's back
+        self._step(f"storage_forged_record {kind} {tokens} page {i} r={r}", Allowed())
 
     @rule(tokens=requests, k=st.integers(0, 7))
     def storage_hole(self, tokens, k):
