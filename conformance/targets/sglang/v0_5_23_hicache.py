@@ -390,8 +390,9 @@ class SGLangUniHiCache(Target):
 class SGLangUniHiMamba(SGLangUniHiCache):
     """`UnifiedRadixCache` with FULL + MAMBA components and HiCache on (host KV and host mamba
     pools), Python tree core, page size 1 (mamba without the extra buffer requires it). The Python
-    core's nodes are read directly (`node_by_id`): device and host values and lock counts of both
-    components; the seeds (seeds.py) are patched into this core."""
+    core's nodes are read directly: device and host values and lock counts of both components. Each
+    mamba state (temporal, layer 0) holds the id of the request it was written for, so a state that
+    a node holds, also after a round trip through the host tier, is checked to be its prefix's."""
 
     def __init__(self, policy: str = "write_through", prefetch: str | None = None):
         shim.load(V_NEW, real=HICACHE_REAL)
@@ -445,6 +446,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                 entry.host_pool.pin_memory = False
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
+        self.state0 = self.req_pool.mamba_pool.mamba_cache.temporal[0]  # layer 0: [slot, ...], an id per state
         self.k0 = self.kv.full_kv_pool.get_key_buffer(self.kv.full_kv_pool.start_layer)
         self.ids, self.prefixes, self.prefix_of, self.node_prefix_ = {}, [], {}, {}
         self.live, self.top = set(), self.root
@@ -460,6 +462,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         if slot is None:
             self.alloc_.free(idx)
             raise TargetError("mamba state pool full after eviction")
+        self.state0[int(slot[0])].view(-1)[0] = float(self._id(tuple(tokens)))  # the state of the whole request
         return idx, slot
 
     def insert(self, tokens, kv):
@@ -534,6 +537,10 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                 host_slots += len(f.host_value)
             if s.value is not None:
                 states += len(s.value)
+                x = int(self.state0[int(s.value[0])].view(-1)[0])
+                got = self.prefixes[x - 1] if 0 < x <= len(self.prefixes) else None
+                if got != pre:
+                    v.append(f"D1: node {pre} holds the mamba state of {got}")
         try:
             self.cache.sanity_check()
         except Exception as e:  # the target's own checker
