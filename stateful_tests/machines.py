@@ -106,6 +106,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.storage = self._open_storage("kv", page, cfg.dtype)
         self.state_storage = self._open_storage("state", (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
         self.l3_writes: list = []  # other instances' L3 writes not landed yet (held by a "slow" fault)
+        self.seeded: list = []  # requests whose pages other instances wrote to L3, newest last
         self.ranks = PeerRanks()  # a simulated second TP rank whose local view rules may change
         self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device),
                              storage=self.storage, state_storage=self.state_storage, ranks=self.ranks)
@@ -532,6 +533,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.l3_writes.append(self.state_storage.start_put(
                 hashes[-1:], [spec_state(tuple(tokens), c.mamba_state_dim, c.dtype).clone()]))
         self.l3_writes = [w for w in self.l3_writes if not w.poll()]
+        self.seeded.append(tokens)
         self._step(f"seed_storage {tokens}", Allowed())
         return tokens
 
@@ -607,16 +609,24 @@ class CacheMachine(RuleBasedStateMachine):
         self.put_faults = self.put_faults or op == "put"
         self._step(f"storage_fault {kind} {op}", Allowed())
 
-    @precondition(lambda self: self.l3_dir is not None)
-    @rule(tokens=requests, k=st.integers(0, 7), kind=st.sampled_from(l3_records.FORGERIES), r=st.integers(0, 255))
-    def storage_forged_record(self, tokens, k, kind, r):
+    @precondition(lambda self: self.l3_dir is not None and self.seeded)
+    @rule(k=st.integers(0, 7), kind=st.sampled_from(l3_records.FORGERIES), r=st.integers(0, 255))
+    def storage_forged_record(self, k, kind, r):
         """The file of one page of a prefix now holds an intact record that is not that page's:
         another key's file copied over it (misplaced), a stale record of another page, page size,
         layout or dtype, a header field off, or the file cut short or run long. A read of it may
-        bring nothing, never its data (CheckedFileStorage and D1 judge every read)."""
+        bring nothing, never its data (CheckedFileStorage and D1 judge every read). The page is one of
+        a request another instance wrote to L3 (the newest, mostly), which prefetch_seeded reads."""
+        tokens = self.seeded[-1 - (k // 4) % len(self.seeded)]
         hashes = page_hashes(ROOT_HASH, tokens, PS)
-        i = k % len(hashes)
         st_ = self.storage
+        # mostly the first stored page past what L1/L2 hold of these tokens: the next prefetch reads it
+        held = len(list(itertools.takewhile(
+            lambda e: (p := self.model.pages.get(tuple(tokens[:e]))) is not None and (p.dev or p.host),
+            range(PS, len(tokens) + 1, PS))))
+        stored = [j for j in range(held, len(hashes))
+                  if os.path.exists(os.path.join(st_.directory, f"{hashes[j]:016x}.page"))]
+        i = (stored[0] if k % 4 else stored[r % len(stored)]) if stored else r % len(hashes)
         files = sorted(f for f in os.listdir(st_.directory) if f.endswith(".page") and f != f"{hashes[i]:016x}.page")
         donor = None
         if files:
@@ -665,6 +675,13 @@ class CacheMachine(RuleBasedStateMachine):
         self._step(f"prefetch {rid} {tokens[len(anchor):]} after {list(anchor)} -> {got} tokens", self._l2_room(),
                    lambda b, a: [] if got == want else [f"prefetch fetches {got} tokens; storage holds {stored} "
                                                         f"and the model says {want}"])
+
+    @precondition(lambda self: self.seeded)
+    @rule(i=st.integers(0, 7), extra=st.lists(st.sampled_from(PAGES), max_size=1))
+    def prefetch_seeded(self, i, extra):
+        """Prefetch a request another instance wrote to L3, mostly the newest: the way a prefetch
+        usually finds pages (and reads what storage faults left in their files)."""
+        self.prefetch(self.seeded[-1 - i % len(self.seeded)], extra)
 
     @precondition(lambda self: self.prefetching)
     @rule(i=st.integers(0, 7))
