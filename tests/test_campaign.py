@@ -228,3 +228,12 @@ def test_unknown_bug_name_is_a_usage_error(capsys):
         main(["verify", "--bugs", "no_such_bug"])
     assert e.value.code == 2
     assert "unknown seeded bugs" in capsys.readouterr().err
+
+
+def test_conformance_runner_replaces_the_false_shrink_warning_too():
+    from campaign.hunt import SLOW_SHRINK_WARNING
+    from conformance.runner import _honest
+
+    line = _honest(f"WARNING: Hypothesis has {SLOW_SHRINK_WARNING} a failing test case", 45)
+    assert "five minutes" not in line and "45 s cap" in line
+    assert _honest("Falsifying example", 45) == "Falsifying example"
