@@ -99,6 +99,7 @@ class ConformanceMachine(RuleBasedStateMachine):
     def _allowed(self, **kw) -> Allowed:
         if self.info.host:  # backups complete and L2 makes room on the target's own schedule
             kw.setdefault("gain_host", EVERY)
+            kw.setdefault("gain_host_side", EVERY)  # a backup carries the sidecar state with the KV
             kw["evict_host"] = True
             kw["evict_dev"] = kw.get("evict_dev", False) or self.info.sidecar is not None
         return Allowed(**kw)

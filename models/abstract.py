@@ -195,7 +195,8 @@ class Allowed:
 
     gain_dev: frozenset = frozenset()  # pages that may become device-resident (insert, load ack)
     gain_host: frozenset = frozenset()  # pages that may gain L2 data (backup ack, prefetch termination)
-    gain_side: frozenset = frozenset()  # pages that may gain a sidecar value (mamba/swa)
+    gain_side: frozenset = frozenset()  # pages that may gain a sidecar value (mamba/swa), either tier
+    gain_host_side: frozenset = frozenset()  # pages that may gain a host sidecar value only (a backup of it)
     evict_dev: bool = False  # unlocked device data (and device sidecar values) may go: eviction, cascades
     evict_host: bool = False  # unreferenced host data may go: host eviction, cascades
     ops_finish: bool = False  # poll: locks and references of finishing ops are released
@@ -217,7 +218,8 @@ def frame(before: Model, after: Model, allowed: Allowed) -> list[str]:
         if a.host and not b.host and p not in allowed.gain_host:
             v.append(f"{p}: gained host KV")
         for s in side:
-            if getattr(a, s) and not getattr(b, s) and p not in allowed.gain_side:
+            may = p in allowed.gain_side or (s.endswith("_host") and p in allowed.gain_host_side)
+            if getattr(a, s) and not getattr(b, s) and not may:
                 v.append(f"{p}: gained {s}")
         lost_dev = b.dev and not a.dev
         lost_host = b.host and not a.host

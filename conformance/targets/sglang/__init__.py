@@ -46,15 +46,14 @@ TARGETS.update({
         "direct IO, page 2; a GPU, or CPU stand-ins for pinning and copies", args=(core, policy))
     for core, label in _CORES.items() for policy, suffix in _POLICIES.items()
 })
-# write_back is left out for FULL+MAMBA: an eviction there backs the mamba state up with the KV, and the
-# machine's frame lets host targets gain host KV anywhere but not a host mamba state (a gap in our
-# model, kept demonstrated in test_hicache.py).
+# Under write_back an eviction backs the mamba state up with the KV: host targets may gain a host
+# sidecar state on any step, as they may gain host KV (the model's gap found here, closed).
 TARGETS.update({
     f"sglang-hicache-mamba{suffix}": TargetSpec(
         f"{_H}:SGLangUniHiMamba", V_NEW,
         f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+MAMBA), Python tree core, {policy}, "
         "direct IO, page 1; a GPU, or CPU stand-ins for pinning and copies", 1, args=(policy,))
-    for policy, suffix in _POLICIES.items() if policy != "write_back"
+    for policy, suffix in _POLICIES.items()
 })
 # With SGLang's file storage backend (L3) and each prefetch stop policy; the machine adds a prefetch rule.
 _STOP = {"wait_complete": "", "best_effort": "-best-effort", "timeout": "-timeout"}
