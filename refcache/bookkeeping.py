@@ -37,26 +37,29 @@ def host_evictable(node: TreeNode) -> bool:
             and node.host_ref == 0 and not node.children)
 
 
-def contribution(node: TreeNode) -> Counter:
-    """Sizes one node adds to the cache-wide totals, keyed (component, tier, evictable|protected)."""
-    c: Counter = Counter()
+def contribution(node: TreeNode) -> dict:
+    """Sizes one node adds to the cache-wide totals, keyed (component, tier, evictable|protected).
+
+    A plain dict (each key occurs once per node): this runs twice per insert, and building a
+    Counter cost more than the rest of the bookkeeping."""
     if node.parent is None:
-        return c
+        return {}
     n = len(node.key)
     dev_state = "protected" if node.lock_ref else "evictable"
     host_state = "protected" if (node.host_ref or node.value is not None) else "evictable"
+    c = {}
     if node.value is not None:
-        c["full", "device", dev_state] += n
+        c["full", "device", dev_state] = n
     if node.host_value is not None:
-        c["full", "host", host_state] += n
+        c["full", "host", host_state] = n
     if node.mamba_value is not None:
-        c["mamba", "device", dev_state] += 1
+        c["mamba", "device", dev_state] = 1
     if node.mamba_host is not None:
-        c["mamba", "host", host_state] += 1
+        c["mamba", "host", host_state] = 1
     if node.swa:
-        c["swa", "device", dev_state] += n
+        c["swa", "device", dev_state] = n
     if node.swa_host:
-        c["swa", "host", host_state] += n
+        c["swa", "host", host_state] = n
     return c
 
 
@@ -77,7 +80,7 @@ class Bookkeeping:
 
     def forget(self, node: TreeNode) -> None:
         """Take back a detached node's contribution."""
-        self._apply(node, Counter(), False, False)
+        self._apply(node, {}, False, False)
 
     def _update(self, node: TreeNode, has_device_child: bool = False) -> None:
         """`has_device_child`: known to have a child on device (a shared prefix may have thousands
@@ -85,11 +88,16 @@ class Bookkeeping:
         dev = False if has_device_child else device_evictable(node)
         self._apply(node, contribution(node), dev, host_evictable(node))
 
-    def _apply(self, node: TreeNode, contrib: Counter, dev: bool, host: bool) -> None:
+    def _apply(self, node: TreeNode, contrib: dict, dev: bool, host: bool) -> None:
+        sizes = self.sizes
         if node.acct:
-            old, _, _ = node.acct
-            self.sizes.subtract(old)
-        self.sizes.update(contrib)
+            old, old_dev, old_host = node.acct
+            if old_dev == dev and old_host == host and old == contrib:
+                return  # the common case for a parent touched for its leafness: nothing moved
+            for k, v in old.items():
+                sizes[k] -= v
+        for k, v in contrib.items():
+            sizes[k] += v
         (self.device_leaves.add if dev else self.device_leaves.discard)(node)
         (self.host_leaves.add if host else self.host_leaves.discard)(node)
         node.acct = (contrib, dev, host)

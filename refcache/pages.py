@@ -53,6 +53,20 @@ def match_length(a: Sequence[int], b: Sequence[int], page_size: int) -> int:
     return i
 
 
+def edge_match(edge: tuple[int, ...], key: tuple[int, ...], pos: int, page_size: int) -> int:
+    """`match_length(edge, key[pos:], page_size)` without copying the rest of `key`: a tree walk
+    usually matches whole edges, which one slice of the edge's length settles.
+
+    pre: page_size > 0
+    pre: 0 <= pos <= len(key)
+    post: __return__ == match_length(edge, key[pos:], page_size)
+    """
+    if key[pos : pos + len(edge)] == edge:
+        n = len(edge)
+        return n - n % page_size
+    return match_length(edge, key[pos:], page_size)
+
+
 def split_key(key: Sequence[int], at: int, page_size: int) -> tuple[Sequence[int], Sequence[int]]:
     """Split `key` into (head, tail) at token offset `at`, which must fall on a page boundary
     strictly inside the key.

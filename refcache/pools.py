@@ -44,7 +44,7 @@ class PageAllocator:
         self._free: list[int] = list(range(capacity // page_size))
         heapq.heapify(self._free)
         self._allocated: set[int] = set()
-        self._offsets = np.arange(page_size)
+        self._offsets = np.arange(page_size, dtype=np.int64)
 
     # -- queries ---------------------------------------------------------------------------
     def available(self) -> int:
@@ -100,19 +100,30 @@ class PageAllocator:
         return indices
 
     def pages_of(self, indices: torch.Tensor) -> list[int]:
-        """Page numbers of page-aligned slot indices (validated)."""
+        """Page numbers of page-aligned slot indices (validated).
+
+        Runs on every insert and free, so the common case is one vectorized comparison: the
+        slots must be byte-equal to the pages their first slots fall in, each clamped into the
+        pool (an unaligned, non-consecutive or out-of-range page differs). Only a refusal pays
+        for finding the first bad page."""
         self.check_indices(indices)
-        ps = self.page_size
-        rows = indices.cpu().numpy().reshape(-1, ps)
-        first = rows[:, 0]
-        if (rows != first[:, None] + self._offsets).any() or (first % ps).any():  # name the first bad page
-            bad = int(np.flatnonzero((rows != first[:, None] + self._offsets).any(1) | (first % ps != 0))[0])
-            raise InvalidIndicesError(f"{self.name}: slots {rows[bad].tolist()} are not one aligned page")
-        pages = (first // ps).tolist()
-        if pages and (min(pages) < 0 or max(pages) >= self.capacity // ps):
-            bad = next(p for p in pages if not 0 <= p < self.capacity // ps)
-            raise InvalidIndicesError(f"{self.name}: slot {bad * ps} out of range [0, {self.capacity})")
-        return pages
+        ps, last = self.page_size, self.capacity // self.page_size - 1
+        flat = indices.cpu().numpy()
+        page_no = flat[::ps] // ps
+        start = np.maximum(np.minimum(page_no, last), 0) * ps
+        if (start[:, None] + self._offsets).tobytes() != flat.tobytes() or last < 0 < flat.size:
+            self._refuse(flat.reshape(-1, ps))
+        return page_no.tolist()
+
+    def _refuse(self, rows: np.ndarray) -> None:
+        """Raise for the first row of `rows` that is not one aligned page, else the first page
+        out of range."""
+        ps, first = self.page_size, rows[:, 0]
+        bad_rows = np.flatnonzero((rows != first[:, None] + self._offsets).any(1) | (first % ps != 0))
+        if bad_rows.size:
+            raise InvalidIndicesError(f"{self.name}: slots {rows[int(bad_rows[0])].tolist()} are not one aligned page")
+        bad = next(p for p in (first // ps).tolist() if not 0 <= p < self.capacity // ps)
+        raise InvalidIndicesError(f"{self.name}: slot {bad * ps} out of range [0, {self.capacity})")
 
 
 class KVPool:
