@@ -86,3 +86,13 @@ def test_checked_storage_fails_on_a_miss_of_an_intact_record(store):
         assert st.get(hs[0]) is None  # a fault was pending: a miss is allowed
         with pytest.raises(rec.StorageDisagreement, match="intact record"):
             st.get(hs[1])
+
+
+def test_a_torn_read_of_a_torn_write_is_left_to_the_data_oracle(store):
+    """Tearing twice may restore a record: a torn read is not judged by its bytes (D1 judges them)."""
+    st, hs = store
+    st.faults.inject("torn", "put")
+    assert st.put(hs[0], _page(0))
+    st.faults.inject("torn", "get")
+    page = st.get(hs[0])
+    assert page is None or torch.equal(page, _page(0))
