@@ -10,6 +10,14 @@ completion, a prefetch that was issued (not declined as too short or rate-limite
 least `threshold` tokens in L3 with at least `threshold` tokens of L2 free brings at least what
 fits: L2 that is short truncates the prefetch to the page-aligned free size, it does not give up
 (for KV-only targets: a sidecar such as mamba makes a prefetch all-or-nothing upstream).
+
+A prefetch may also stay in flight across operations (targets that declare "prefetch_pending"):
+`prefetch_start` issues it and leaves it pending, any other rule may run meanwhile (eviction,
+inserts, load-backs), and `prefetch_finish` polls it to its end and judges it as above, except the
+truncation duty, which is judged only where nothing ran in between (L2's free space and L3's
+contents are measured at the start). While pending, the prefetch host-references its anchor: the
+anchor is not deleted (an eviction or a cascade may demote it, never drop it), which the target's
+own checks (slot accounting on both tiers, its sanity check) and the final release observe.
 """
 
 from __future__ import annotations
@@ -23,13 +31,62 @@ from .machine import ConformanceMachine
 class StorageMachine(ConformanceMachine):
     THRESHOLD_PAGES = 2  # the targets' prefetch_threshold, in pages
 
-    @precondition(lambda self: "prefetch" in self.info.ops)
+    def __init__(self):
+        super().__init__()
+        self.pending = None  # (the judge of the prefetch in flight, len(calls) when it started)
+
+    @precondition(lambda self: "prefetch" in self.info.ops and self.pending is None)
     @rule(tokens=ConformanceMachine.requests, extra=st.lists(st.integers(0, 3), max_size=3))
     def prefetch(self, tokens, extra=()):
         self._prefetch(list(tokens) + self._tokens(list(extra)))
 
+    @precondition(lambda self: "prefetch_pending" in self.info.ops and self.pending is None)
+    @rule(tokens=ConformanceMachine.requests, extra=st.lists(st.integers(0, 3), max_size=3))
+    def prefetch_start(self, tokens, extra=()):
+        if self.pending is not None:  # a replay that calls it out of turn: one prefetch in flight at a time
+            return
+        tokens = list(tokens) + self._tokens(list(extra))
+        self.calls.append(("prefetch_start", list(tokens)))
+        judge = self._judge(tokens)
+        anchor_len = self.t.prefetch_start(tokens)
+        self.pending = (judge, len(self.calls))
+        # Issuing a prefetch changes no page (its L2 staging is allocated when L3 answers).
+        self._step(f"prefetch_start {tokens} -> anchor {anchor_len}", self._allowed(),
+                   lambda b, a: judge["anchor"](anchor_len))
+
+    @precondition(lambda self: self.pending is not None)
+    @rule()
+    def prefetch_finish(self, _=None):
+        if self.pending is None:  # a replay that calls it out of turn
+            return
+        self.calls.append(("prefetch_finish", 0))
+        judge, at = self.pending
+        self.pending = None
+        got = self.t.prefetch_finish()
+        alone = at == len(self.calls) - 1  # nothing ran while it was in flight
+        self._step(f"prefetch_finish {got}", self._allowed(gain_side=judge["side"]),
+                   lambda b, a: judge["end"](b, a, got["outcome"], alone))
+
+    def teardown(self):
+        try:
+            if self.pending is not None:
+                self.prefetch_finish()
+        finally:
+            super().teardown()
+
     def _prefetch(self, tokens):
         self.calls.append(("prefetch", list(tokens)))
+        judge = self._judge(tokens)
+        got = self.t.prefetch(tokens)
+
+        def check(b, a):
+            return judge["anchor"](got["anchor_len"]) + judge["end"](b, a, got["outcome"], True)
+
+        self._step(f"prefetch {tokens} -> {got}", self._allowed(gain_side=judge["side"]), check)
+
+    def _judge(self, tokens) -> dict:
+        """What the model expects of a prefetch of `tokens` issued now: checks of its anchor and of
+        its end (the pages it brought), measured before it is issued."""
         ps = self.info.page_size
         m = self.model
         pages = m.page_prefixes(tokens)
@@ -44,26 +101,28 @@ class StorageMachine(ConformanceMachine):
             run += 1
         free = self.t.host_free()
         self._touch([p for p in pages if len(p) <= host_len])
-        got = self.t.prefetch(tokens)
         waits = self.t.prefetch_policy == "wait_complete"
-        declined = any(k.startswith("declined") for k in got["outcome"])
         fits = min(run, free // ps)
 
-        def check(b, a):
+        def anchor(anchor_len):
+            if anchor_len != host_len:
+                return [f"prefetch anchored after {anchor_len} tokens, model's host match is {host_len}"]
+            return []
+
+        def end(b, a, outcome, alone):
             v = []
-            if got["anchor_len"] != host_len:
-                v.append(f"prefetch anchored after {got['anchor_len']} tokens, model's host match is {host_len}")
+            declined = any(k.startswith("declined") for k in outcome)
             new = [p for p in pages if p in a.pages and a.pages[p].host and not (p in b.pages and (b.pages[p].host
                                                                                                    or b.pages[p].dev))]
             beyond = [p for p in new if not (host_len < len(p) <= host_len + run * ps)]
             if beyond:
                 v.append(f"prefetch put pages in L2 that L3 does not hold after the host match: {beyond[:3]}")
             n = sum(1 for p in pages[start:start + run] if p in a.pages and (a.pages[p].host or a.pages[p].dev))
-            if waits and not declined and self.info.sidecar is None and run >= self.THRESHOLD_PAGES \
+            if alone and waits and not declined and self.info.sidecar is None and run >= self.THRESHOLD_PAGES \
                     and fits >= self.THRESHOLD_PAGES and n < fits:
                 v.append(f"prefetch brought {n} of the {run} pages L3 holds with room for {fits} in L2 "
-                         f"({free} tokens free): it must truncate to what fits, not give up (outcome {got['outcome']})")
+                         f"({free} tokens free): it must truncate to what fits, not give up (outcome {outcome})")
             return v
 
         side = frozenset(pages) if self.info.sidecar else frozenset()  # a prefetched path's state comes with it
-        self._step(f"prefetch {tokens} -> {got}", self._allowed(gain_side=side), check)
+        return {"anchor": anchor, "end": end, "side": side}

@@ -65,6 +65,13 @@ TARGETS.update({
         machine="conformance.machine_storage:StorageMachine")
     for core, label in _CORES.items() for stop, suffix in _STOP.items()
 })
+# Write-back with storage: a prefetch's anchor may be a device-only node (nothing is backed up before
+# eviction), which an eviction under L2 pressure may try to drop while the prefetch is in flight.
+TARGETS["sglang-hicache-python-write-back-storage"] = TargetSpec(
+    f"{_H}:SGLangUniHiCache", V_NEW,
+    "SGLang 0.5.23 HiCache (FULL), Python tree core, write_back, file storage backend (L3), "
+    "prefetch stop policy wait_complete, page 2", args=("python", "write_back", "wait_complete"),
+    machine="conformance.machine_storage:StorageMachine")
 TARGETS["sglang-hicache-mamba-storage"] = TargetSpec(
     f"{_H}:SGLangUniHiMamba", V_NEW,
     "SGLang 0.5.23 HiCache (FULL+MAMBA), Python tree core, write_through, file storage backend (L3), "

@@ -10,6 +10,7 @@ code path no longer exists in 0.5.23, the nearest equivalent is patched, and the
 
 from __future__ import annotations
 
+import __future__
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -81,6 +82,39 @@ def seed_26945() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def seed_23696() -> Iterator[None]:
+    """#23696 "host-protected node deletion in the tombstone cascade": walking up from a deleted leaf,
+    the cascade stopped only at nodes with a device lock (FULL or mamba), not at nodes a prefetch or
+    a backup holds by host reference, and deleted them; the fix also stops at a host reference.
+    HiMambaRadixCache is gone in 0.5.23; the cascade is `UnifiedTreeCore._iteratively_delete_
+    tombstone_ancestors`, whose stop test checks lock_ref or host_lock_ref on every component: the
+    revert drops the host_lock_ref half of that test (the method recompiled from 0.5.23's own source
+    with that one condition removed)."""
+    _load()
+    import inspect
+    import textwrap
+
+    from sglang.srt.mem_cache.unified_cache import unified_tree_core as m
+
+    cls = m.UnifiedTreeCore
+
+    def reverted(name: str, fixed: str, count: int):
+        src = textwrap.dedent(inspect.getsource(getattr(cls, name)))
+        if src.count(fixed) != count:
+            raise RuntimeError(f"#23696: {name}'s stop test is not where 0.5.23 has it")
+        code = compile(src.replace(fixed, fixed.replace(" or cd.host_lock_ref > 0", "")), m.__file__, "exec",
+                       flags=__future__.annotations.compiler_flag, dont_inherit=True)
+        ns: dict = {}
+        exec(code, m.__dict__, ns)
+        return mock.patch.object(cls, name, ns[name])
+
+    with reverted("_iteratively_delete_tombstone_ancestors",
+                  "cd.lock_ref > 0 or cd.host_lock_ref > 0 for cd in cur.component_data", 1), \
+            reverted("drop_subtree_no_host", "cd.lock_ref > 0 or cd.host_lock_ref > 0 for cd in ", 2):
+        yield
+
+
 SEEDS: dict[int, Seed] = {
     25088: Seed(25088, "HiCache load-back anchored at last_host_node instead of best_match_node",
                 "sglang-hicache-mamba", seed_25088,
@@ -106,12 +140,14 @@ SEEDS: dict[int, Seed] = {
                       "equal the originals (direct IO, page-first-direct), so the pollution is invisible: "
                       "it needs the GPU with io_backend=kernel"),
     23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
-                "sglang-hicache-mamba", None, (),
-                where="UnifiedTreeCore._iteratively_delete_tombstone_ancestors in 0.5.23 (checks "
-                      "host_lock_ref); the cascade deletes only nodes with FULL KV on neither tier, and a "
-                      "host-referenced node without host KV exists only under write_back (a device-only "
-                      "prefetch anchor pinned) while a prefetch is in flight across operations, which the "
-                      "machine does not drive (its prefetch runs to completion): not done"),
+                "sglang-hicache-python-write-back-storage", None, ("R1: host pool", "KeyError"),
+                where="UnifiedTreeCore._iteratively_delete_tombstone_ancestors (the cascade) and "
+                      "UnifiedTreeCore.drop_subtree_no_host (write_back's drop of an unbacked subtree under L2 "
+                      "pressure) in 0.5.23: both stop at lock_ref or host_lock_ref; the revert drops the "
+                      "host_lock_ref half of both. The cascade alone only ever reaches nodes with FULL KV on "
+                      "neither tier, which 0.5.23 never leaves in the tree (seen with a probe, never hit), so "
+                      "the reachable equivalent is the write_back drop of a device-only prefetch anchor that a "
+                      "prefetch in flight host-references (prefetch_start ... evict ... prefetch_finish)"),
 }
 
 

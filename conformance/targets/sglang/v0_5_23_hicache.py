@@ -38,6 +38,9 @@ from .common import HICACHE_REAL, KNOWN, V_NEW, cpu_stand_ins
 POLICY_SUFFIX = {"write_through": "", "write_through_selective": "-selective", "write_back": "-write-back"}
 # Explained divergences for these targets (each kept demonstrated in test_hicache.py).
 KNOWN_HI = KNOWN
+# With a storage tier: a prefetch run to its end in one step, or started and left in flight while
+# other operations run (`prefetch_start` / `prefetch_finish`, machine_storage.py).
+STORAGE_OPS = frozenset({"prefetch", "prefetch_pending"})
 
 
 class SGLangUniHiCache(Target):
@@ -69,7 +72,7 @@ class SGLangUniHiCache(Target):
         ps, n = 2, 16
         self.policy, self.core = policy, core
         self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=ps,
-                               ops=CORE_OPS | {"load_back"} | ({"prefetch"} if prefetch else set()), device_tokens=n,
+                               ops=CORE_OPS | {"load_back"} | (STORAGE_OPS if prefetch else set()), device_tokens=n,
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False, allow=self.allowances(policy),
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
         sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
@@ -109,7 +112,7 @@ class SGLangUniHiCache(Target):
 
     def _storage(self, prefetch: str | None, ps: int) -> dict:
         """ServerArgs for SGLang's file storage backend in a fresh directory ({} without storage)."""
-        self.prefetch_policy, self.storage_dir, self.requests = prefetch, None, 0
+        self.prefetch_policy, self.storage_dir, self.requests, self.pending_ = prefetch, None, 0, None
         if prefetch is None:
             return {}
         self.storage_dir = tempfile.mkdtemp(prefix="refcache-l3-")
@@ -237,9 +240,16 @@ class SGLangUniHiCache(Target):
         return self.cache.cache_controller.mem_pool_host.available_size()
 
     def prefetch(self, tokens: list[int]) -> dict:
-        """Prefetch `tokens` from L3 as the scheduler does: match, prefetch what follows the host
-        match (anchored at last_host_node, hash chain continued from it), then poll the progress
-        until the request may stop waiting. Returns {anchor_len, outcome: the counter it bumped}."""
+        """Prefetch `tokens` from L3 as the scheduler does, start to finish: `prefetch_start`, then
+        `prefetch_finish`. Returns {anchor_len, outcome: the counter it bumped}."""
+        start = self.prefetch_start(tokens)
+        got = self.prefetch_finish()
+        return {"anchor_len": start, "outcome": got["outcome"]}
+
+    def prefetch_start(self, tokens: list[int]) -> int:
+        """Match, then prefetch what follows the host match (anchored at last_host_node, hash chain
+        continued from it) and leave it in flight (its anchor stays host-referenced until it ends):
+        other operations may run before `prefetch_finish`. Returns the anchor's length."""
         c = self.cache
         m = c.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
         self._settle()
@@ -247,9 +257,17 @@ class SGLangUniHiCache(Target):
         start = self._end(anchor)
         self.requests += 1
         req = self.b.CacheRequestHandle(f"conformance-{self.requests}", 0)
-        before = dict(c._prefetch_outcome_stats)
+        self.pending_ = (req, list(tokens), dict(c._prefetch_outcome_stats))
         c.prefetch_from_storage(req, anchor, array("q", tokens[start:]), self.tc.get_last_hash_value(anchor),
                                 matched_prefix_tokens=list(tokens[:start]))
+        return start
+
+    def prefetch_finish(self) -> dict:
+        """Poll the pending prefetch's progress as the scheduler does until the request may stop
+        waiting, then take its tokens. Returns {tokens, outcome}."""
+        c = self.cache
+        req, tokens, before = self.pending_
+        self.pending_ = None
         deadline = time.monotonic() + 10
         while not c.check_prefetch_progress(req):
             c.check_hicache_events()
@@ -265,7 +283,14 @@ class SGLangUniHiCache(Target):
             if i not in self.node_prefix_ and end <= len(tokens):
                 self.node_prefix_[i] = tuple(tokens[:end])
         bumped = [k for k, v in c._prefetch_outcome_stats.items() if v != before.get(k)]
-        return {"anchor_len": start, "outcome": bumped}
+        return {"tokens": tokens, "outcome": bumped}
+
+    def _staged(self) -> int:
+        """L2 slots a prefetch in flight holds for what L3 returns (its operation's host indices,
+        allocated when L3 answers; they join the tree when the prefetch ends)."""
+        ops = getattr(self.cache, "ongoing_prefetch", None) or {}
+        return sum(len(o.operation.host_indices) for o in ops.values()
+                   if getattr(o.operation, "host_indices", None) is not None)
 
     def alive(self, node) -> bool:
         try:
@@ -327,6 +352,9 @@ class SGLangUniHiCache(Target):
             if i in out:
                 for step in path[:-1]:
                     out.setdefault(step.node_id, out[i][: step.path_end])
+        for i, path in nodes.items():  # a node a prefetch in flight inserted lies on its request's path
+            if i not in out and self.pending_ is not None and path[-1].path_end <= len(self.pending_[1]):
+                out[i] = tuple(self.pending_[1][: path[-1].path_end])
         for i in nodes:
             if i not in out:
                 raise AssertionError(f"node {i} ({nodes[i][-1]}): prefix unknown (no device data, none before)")
@@ -373,8 +401,10 @@ class SGLangUniHiCache(Target):
             v.append(f"R2: evictable/protected sizes {got}, the tree's device slots sum to {(unlocked, len(walk) - unlocked)}")
         host = self.cache.cache_controller.mem_pool_host
         held = sum(p[-1].path_end - p[-1].path_start for i, p in self._nodes().items() if self.tc.is_backuped(i))
-        if held + host.available_size() != host.size:  # R1 on the host tier: no slot leaked or shared
-            v.append(f"R1: host pool of {host.size} slots: {host.available_size()} free + {held} held by the tree")
+        staged = self._staged()
+        if held + staged + host.available_size() != host.size:  # R1 on the host tier: no slot leaked or shared
+            v.append(f"R1: host pool of {host.size} slots: {host.available_size()} free + {held} held by the tree"
+                     f" + {staged} staged by a prefetch in flight")
         return v
 
     def close(self) -> None:
@@ -414,7 +444,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         self.policy, self.core = policy, "python"
         self.info = TargetInfo(f"sglang-hicache-mamba{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=1,
                                sidecar="mamba", device_tokens=n, mamba_slots=slots,
-                               ops=CORE_OPS | {"load_back", "evict_mamba"} | ({"prefetch"} if prefetch else set()),
+                               ops=CORE_OPS | {"load_back", "evict_mamba"} | (STORAGE_OPS if prefetch else set()),
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False,
                                allow=self.allowances(policy) | {"last-host-is-best"},
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
@@ -552,6 +582,8 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         if mam.available_size() + states != self.info.mamba_slots:
             v.append(f"R1: mamba pool of {self.info.mamba_slots} states: {mam.available_size()} free + {states} in the tree")
         host = self.cache.cache_controller.mem_pool_host
-        if host_slots + host.available_size() != host.size:
-            v.append(f"R1: host pool of {host.size} slots: {host.available_size()} free + {host_slots} held by the tree")
+        staged = self._staged()
+        if host_slots + staged + host.available_size() != host.size:
+            v.append(f"R1: host pool of {host.size} slots: {host.available_size()} free + {host_slots} held by the tree"
+                     f" + {staged} staged by a prefetch in flight")
         return v
