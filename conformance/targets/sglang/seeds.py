@@ -143,11 +143,18 @@ SEEDS: dict[int, Seed] = {
                 "sglang-hicache-python-write-back-storage", None, ("R1: host pool", "KeyError"),
                 where="UnifiedTreeCore._iteratively_delete_tombstone_ancestors (the cascade) and "
                       "UnifiedTreeCore.drop_subtree_no_host (write_back's drop of an unbacked subtree under L2 "
-                      "pressure) in 0.5.23: both stop at lock_ref or host_lock_ref; the revert drops the "
-                      "host_lock_ref half of both. The cascade alone only ever reaches nodes with FULL KV on "
-                      "neither tier, which 0.5.23 never leaves in the tree (seen with a probe, never hit), so "
-                      "the reachable equivalent is the write_back drop of a device-only prefetch anchor that a "
-                      "prefetch in flight host-references (prefetch_start ... evict ... prefetch_finish)"),
+                      "pressure) in 0.5.23: both stop at lock_ref or host_lock_ref; seed_23696 drops the "
+                      "host_lock_ref half of both. Not caught yet (patch left unset until it is): the cascade only "
+                      "ever reaches nodes with FULL KV on neither tier, which 0.5.23 never leaves in the tree (a "
+                      "probe over random write_back/selective runs with prefetches in flight never saw one); the "
+                      "drop is reachable when eviction picks a device-only prefetch anchor the prefetch in flight "
+                      "pins while L2 holds nothing reclaimable, but a prefetch pins its anchor only until the next "
+                      "poll drains its read, and one prefetch's staging is at most 16 - anchor tokens (L3 chains "
+                      "come from inserts that fit the 16-token device pool) against 22 L2 slots. Next: two "
+                      "prefetches in flight (one pinning a host path, the other staging), or an L2 smaller than "
+                      "the device (hicache_ratio 0.625 on sglang-hicache-python-write-back-storage: clean then "
+                      "diverges on a model gap, an unbacked write-back leaf the model deems evictable stays on "
+                      "device, and once raised KeyError in node_by_id, not reproduced: unclassified)"),
 }
 
 
