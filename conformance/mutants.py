@@ -52,7 +52,7 @@ def _refcache_split_drops_lock():
 
 
 def _radix_split_drops_lock():
-    shim.load("0.5.23")
+    shim.load("0.5.23", real=HIMAMBA_REAL)  # the real set every 0.5.23 target asks for
     from sglang.srt.mem_cache.radix_cache import RadixCache
 
     return _split_drops_lock(RadixCache, "_split_node")
@@ -139,8 +139,7 @@ def run(name: str, budget_s: float = 30, seed: int = 0, shrink_s: float = 3) -> 
     why = runner.unavailable_reason(m.target)
     if why:
         return {"target": m.target, "mutant": name, "steps": 0, "violations": 0, "caught": False, "skipped": why}
-    need, have = runner.TARGETS[m.target].sglang, shim.loaded()
-    if need is not None and have is not None and have.version != need:
+    if runner.needs_own_process(m.target):
         return _run_child(name, budget_s, seed, shrink_s)
     with m.patch():
         r = runner._run_here(m.target, budget_s, seed, shrink_s=shrink_s)
@@ -170,8 +169,7 @@ def run_seed(seed_id: int, budget_s: float = 120, seed: int = 0, shrink_s: float
     why = runner.unavailable_reason(s.target)
     if why:
         return {"seed": seed_id, "target": s.target, "caught": False, "skipped": why}
-    need, have = runner.TARGETS[s.target].sglang, shim.loaded()
-    if need is not None and have is not None and have.version != need:
+    if runner.needs_own_process(s.target):
         p = runner._child(["--seed-id", str(seed_id), "--budget", str(budget_s), "--seed", str(seed),
                            "--shrink", str(shrink_s)], budget_s + 600, module="conformance.mutants")
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]

@@ -76,6 +76,24 @@ def make_factory(name: str):
     return lambda: obj(*spec.args)
 
 
+def needs_own_process(name: str) -> bool:
+    """Whether target `name` cannot run in this process: it needs another sglang version than the
+    one loaded here, or sglang modules for real that this process already imported as stand-ins
+    (a pytest worker that ran other targets first). Building the target once tells."""
+    need, have = TARGETS[name].sglang, shim.loaded()
+    if need is None or have is None:
+        return False
+    if have.version != need:
+        return True
+    try:
+        make_factory(name)().close()
+    except shim.ShimError as e:
+        if "own process" in str(e):
+            return True
+        raise
+    return False
+
+
 def _with_base(cls: type[ConformanceMachine], name: str) -> type[ConformanceMachine]:
     """`cls` (built by machine_for) rebased on the target's own machine class, where it has one."""
     spec = TARGETS[name]
@@ -174,9 +192,7 @@ def run_target(name: str, budget_s: float, seed: int | None = None, shrink_s: fl
     if why:
         return {"target": name, "steps": 0, "violations": 0, "failure_report": None, "skipped": why,
                 "sglang": TARGETS[name].sglang}
-    need = TARGETS[name].sglang
-    have = shim.loaded()
-    if need is not None and have is not None and have.version != need:
+    if needs_own_process(name):
         return _run_child(name, budget_s, seed, shrink_s)
     return _run_here(name, budget_s, seed, shrink_s=shrink_s)
 
@@ -196,8 +212,7 @@ def strict_machine(name: str) -> type[ConformanceMachine]:
 def replay_calls(name: str, calls: list, strict: bool = False) -> str | None:
     """Replay recorded operations on target `name` (in a child process when this one holds another
     sglang version); returns "ErrorType: message" for the disagreement or target error, or None."""
-    need, have = TARGETS[name].sglang, shim.loaded()
-    if need is not None and have is not None and have.version != need:
+    if needs_own_process(name):
         cmd = ["--replay", json.dumps(calls), "--target", name] + (["--strict"] if strict else [])
         p = _child(cmd, 600)
         out = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]

@@ -9,8 +9,8 @@ code path no longer exists in 0.5.23, the nearest equivalent is patched, and the
 """
 
 from __future__ import annotations
-
 import __future__
+
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
