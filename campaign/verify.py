@@ -92,6 +92,15 @@ def run_crosshair(budget: float, progress: Progress) -> list[dict]:
     return rows
 
 
+def bug_row(name: str, found: Hunt | None = None, spent: float = 0.0, steps: int = 0) -> dict:
+    """A seeded bug's row of the summary, before any report (a hunt whose task crashed keeps it)."""
+    bug = SEEDED_BUGS[name]
+    return {"name": name, "bug_class": bug.bug_class, "description": bug.description, "detected": found is not None,
+            "seconds": round(spent, 2), "steps_searched": steps, "steps_minimized": None, "invariant": None,
+            "machine": found.machine if found else None, "report": None, "one_minimal": False,
+            "shrink_capped": bool(found and found.shrink_capped)}
+
+
 def hunt_bug(name: str, budget: float, seed: int, progress: Progress, out: Path) -> dict:
     """Turns over the bug's machines until one detects it; then shrink and report."""
     bug = SEEDED_BUGS[name]
@@ -108,10 +117,7 @@ def hunt_bug(name: str, budget: float, seed: int, progress: Progress, out: Path)
         turn += 1
         if h.found:
             found = h
-    row = {"name": name, "bug_class": bug.bug_class, "description": bug.description, "detected": found is not None,
-           "seconds": round(spent, 2), "steps_searched": steps, "steps_minimized": None, "invariant": None,
-           "machine": found.machine if found else None, "report": None, "one_minimal": False,
-           "shrink_capped": bool(found and found.shrink_capped)}
+    row = bug_row(name, found, spent, steps)
     if found is None:
         progress(f"bug {name}: NOT detected in {spent:.0f}s ({steps} steps)", done=True)
         return row
@@ -544,10 +550,7 @@ def verify(budget: float, out: Path, seed: int, bugs: list[str], device: str = "
              + (f", refcache/ branches {coverage['branches']['total']['branches_pct']}% covered"
                 if coverage["branches"] else ""), done=True)
 
-    rows = [camp.bugs[b] for b in bugs if b in camp.bugs]
-    rows += [{"name": b, "bug_class": SEEDED_BUGS[b].bug_class, "description": SEEDED_BUGS[b].description,
-              "detected": False, "seconds": 0.0, "steps_searched": 0, "steps_minimized": None, "invariant": None,
-              "machine": None, "report": None} for b in bugs if b not in camp.bugs]  # its task crashed
+    rows = [camp.bugs.get(b) or bug_row(b) for b in bugs]  # in the order asked; a crashed hunt found nothing
     if camp.proofs:  # in the transitions' declared order, whichever worker finished first
         from properties.transitions import TRANSITIONS
 

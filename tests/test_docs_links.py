@@ -1,6 +1,6 @@
 """The documents a reader gets with the repository hold together: every relative link in README.md
 and docs/*.md names a file inside the repository (and a heading that exists, for an anchor), none
-points outside it (e.g. to ../shared), and the worked adapter in docs/adapter.md is the code
+points outside it (e.g. to a folder beside the repository), and the worked adapter in docs/adapter.md is the code
 that the tests run."""
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def test_docs_exist_and_are_linked_from_the_index():
 
 def test_the_checker_catches_bad_links():
     """The checker itself can fail: outside the repository, missing file, missing anchor, absolute."""
-    md = ("[a](../../shared/DESIGN.md) [b](nope.md) [c](design.md#no-such-heading) [d](/etc/passwd) "
+    md = ("[a](../../outside/NOTES.md) [b](nope.md) [c](design.md#no-such-heading) [d](/etc/passwd) "
           "`[e](ignored.md)` [f](https://example.com) [g](design.md) [h](#the-adapter-api)\n[i]: ../../x.md\n")
     got = problems(ROOT / "docs" / "adapter.md", md)
-    assert [g.split(": ")[0] for g in got] == ["../../shared/DESIGN.md", "nope.md", "design.md#no-such-heading",
+    assert [g.split(": ")[0] for g in got] == ["../../outside/NOTES.md", "nope.md", "design.md#no-such-heading",
                                               "/etc/passwd", "../../x.md"]
 
 

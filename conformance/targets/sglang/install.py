@@ -12,20 +12,15 @@ already has them. Home: --home, else $REFCACHE_SGLANG_HOME, else ~/.cache/refcac
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ..installing import install_deps, pip
 from . import shim
 
 DEPS = {"msgspec": "msgspec==0.22.0", "dill": "dill==0.4.1", "psutil": "psutil==7.2.2"}  # = the `sglang` extra
-
-
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", *args], check=True)
 
 
 def install(home: Path, versions: list[str]) -> dict[str, float]:
@@ -37,14 +32,9 @@ def install(home: Path, versions: list[str]) -> dict[str, float]:
             raise SystemExit(f"sglang {v} is not supported by the shim (supported: {', '.join(shim.SUPPORTED)})")
         t = time.monotonic()
         if shim.locate(v) is None:
-            _pip("--no-deps", "--upgrade", "--target", str(home / v), f"sglang=={v}")
+            pip("--no-deps", "--upgrade", "--target", str(home / v), f"sglang=={v}")
         spent[f"sglang=={v}"] = round(time.monotonic() - t, 1)
-    missing = [spec for mod, spec in DEPS.items() if importlib.util.find_spec(mod) is None
-               and not (home / "deps" / mod).exists()]
-    t = time.monotonic()
-    if missing:
-        _pip("--no-deps", "--upgrade", "--target", str(home / "deps"), *missing)
-    spent["deps"] = round(time.monotonic() - t, 1)
+    spent["deps"] = install_deps(home, DEPS)
     return spent
 
 

@@ -28,6 +28,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..installing import engine_home
+
 HOME_ENV = "REFCACHE_SGLANG_HOME"
 # Set where an install was trimmed to the modules the caches use (a copy carried to a machine with no
 # package index): sglang modules missing from it are stood in for too, and listed in `stubbed`.
@@ -56,11 +58,7 @@ class ShimError(RuntimeError):
 
 def home() -> Path:
     """Where `conformance.install` puts each version (one `pip --target` directory per version)."""
-    env = os.environ.get(HOME_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "refcache" / "sglang"
+    return engine_home(HOME_ENV, "sglang")
 
 
 def _dist_version(root: Path) -> str | None:

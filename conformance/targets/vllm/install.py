@@ -12,20 +12,15 @@ has them. Home: --home, else $REFCACHE_VLLM_HOME, else ~/.cache/refcache/vllm.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from ..installing import install_deps, pip
 from . import shim
 
 DEPS = {"msgspec": "msgspec==0.22.0", "typing_extensions": "typing_extensions==4.16.0"}
-
-
-def _pip(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", *args], check=True)
 
 
 def install(home: Path) -> dict[str, float]:
@@ -34,14 +29,9 @@ def install(home: Path) -> dict[str, float]:
     spent: dict[str, float] = {}
     t = time.monotonic()
     if shim.locate() is None:
-        _pip("--no-deps", "--upgrade", "--target", str(home / shim.VERSION), f"vllm=={shim.VERSION}")
+        pip("--no-deps", "--upgrade", "--target", str(home / shim.VERSION), f"vllm=={shim.VERSION}")
     spent[f"vllm=={shim.VERSION}"] = round(time.monotonic() - t, 1)
-    missing = [spec for mod, spec in DEPS.items()
-               if importlib.util.find_spec(mod) is None and not (home / "deps" / mod).exists()]
-    t = time.monotonic()
-    if missing:
-        _pip("--no-deps", "--upgrade", "--target", str(home / "deps"), *missing)
-    spent["deps"] = round(time.monotonic() - t, 1)
+    spent["deps"] = install_deps(home, DEPS)
     return spent
 
 

@@ -31,6 +31,8 @@ import sys
 import types
 from pathlib import Path
 
+from ..installing import engine_home
+
 VERSION = "0.33.0"
 HOME_ENV = "REFCACHE_VLLM_HOME"
 REAL_DEPS = ("torch", "numpy", "msgspec", "typing_extensions")
@@ -55,11 +57,7 @@ class ShimError(RuntimeError):
 
 
 def home() -> Path:
-    env = os.environ.get(HOME_ENV)
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "refcache" / "vllm"
+    return engine_home(HOME_ENV, "vllm")
 
 
 def locate() -> Path | None:
