@@ -32,6 +32,7 @@ from models import effects
 from models.abstract import Allowed, Page, abstract, check_evict, check_evict_host, frame, node_prefix, same_data
 from models.contents import page_kv, pages_kv
 from models.contents import state as spec_state
+from models.l3 import L3Model
 from models.recency import Recency
 from properties.drift import check_step
 from refcache import (
@@ -59,6 +60,8 @@ from .data_oracle import data_errors, geometry, served_ok, write_request, write_
 from .peer_ranks import PeerRanks, PeerView
 
 PS = 2
+HOST_TOKENS = 24  # L2's size: free L2 is the model's own count against it, never the allocator's
+L3_ROOM = {"memory": 256, "file": 12}  # pages each L3 backend kind keeps (the file one evicts, LRU)
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
 tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=5).map(lambda ps: [t for p in ps for t in p])
 long_tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=8).map(lambda ps: [t for p in ps for t in p])
@@ -98,7 +101,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=24, backup_after_hits=2,
+        cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=HOST_TOKENS, backup_after_hits=2,
                           prefetch_threshold=PS if self.STORAGE == "memory" else 2 * PS, prefetch_timeout_steps=3,
                           device=device(), **self.CONFIG)
         page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
@@ -121,6 +124,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.time = 0
         self.put_faults = False  # a write fault or a hole: a stored page may read back as a miss
         self.stores: dict[int, tuple] = {}  # store op id -> (node prefix, its tokens, with a state)
+        self.l3 = L3Model(L3_ROOM[self.STORAGE])  # what L3 holds, by the model's own account
+        self.l3_ops: dict[int, list] = {}  # op id -> the L3 pages it reads or writes while in flight
+        self.l3_held: list = []  # page lists of other instances' writes a "slow" fault may hold
+        self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
@@ -134,8 +141,9 @@ class CacheMachine(RuleBasedStateMachine):
         the record format (l3_records.CheckedFileStorage: an intact record of the page must be
         served, anything else must be a miss)."""
         if self.l3_dir is None:
-            return MemoryStorage(256, page_shape, dtype)
-        return l3_records.CheckedFileStorage(os.path.join(self.l3_dir, name), page_shape, dtype, capacity_pages=12,
+            return MemoryStorage(L3_ROOM["memory"], page_shape, dtype)
+        return l3_records.CheckedFileStorage(os.path.join(self.l3_dir, name), page_shape, dtype,
+                                             capacity_pages=L3_ROOM["file"],
                                              fsync=False)
 
     # ------------------------------------------------------------------ lockstep helper
@@ -155,6 +163,7 @@ class CacheMachine(RuleBasedStateMachine):
         errs += data_errors(self.cache, snap)
         errs += effects.size_errors(after, snap.sizes)
         self.rec.keep(after.pages)
+        self._l3_tick(after)
         op = what.split()[0]
         if DRIFT_EVERY and self.steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
             errs += check_step(self.snap, _DRIFT_NAMES.get(op, op), snap, max_states=2000)  # Z3 relation drift
@@ -533,6 +542,10 @@ class CacheMachine(RuleBasedStateMachine):
             self.l3_writes.append(self.state_storage.start_put(
                 hashes[-1:], [spec_state(tuple(tokens), c.mamba_state_dim, c.dtype).clone()]))
         self.l3_writes = [w for w in self.l3_writes if not w.poll()]
+        pages = [tuple(tokens[:e]) for e in range(PS, len(tokens) + 1, PS)]
+        self.l3.write(pages)  # (uncertain once a write fault was armed: a "slow" one holds it for later)
+        if self.l3.put_faults:
+            self.l3_held.append(pages)
         self.seeded.append(tokens)
         self._step(f"seed_storage {tokens}", Allowed())
         return tokens
@@ -549,6 +562,9 @@ class CacheMachine(RuleBasedStateMachine):
             if st_ is not None:
                 st_.faults.release()
         self.l3_writes = [w for w in self.l3_writes if not w.poll()]
+        for pages in self.l3_held:  # held writes land now (the model cannot tell which were held)
+            self.l3.write(pages)
+        self.l3_held = []
 
     @precondition(lambda self: self.l3_dir is not None)
     @rule()
@@ -561,6 +577,7 @@ class CacheMachine(RuleBasedStateMachine):
         if self.state_storage is not None:
             self.state_storage = self.cache.state_storage = self._open_storage(
                 "state", (cfg.mamba_state_dim,), cfg.dtype)
+        self.l3.reopened()
         self._step("reopen_storage", Allowed())
 
     @rule(node=nodes)
@@ -572,6 +589,8 @@ class CacheMachine(RuleBasedStateMachine):
         p = node_prefix(node)
         if op is not None:
             self.stores[op.id] = (p, len(node.key), node.mamba_host is not None)
+            self.l3_ops[op.id] = [p[:e] for e in range(len(p) - len(node.key) + PS, len(p) + 1, PS)]
+            self.l3.write(self.l3_ops[op.id], landed=False)
         self._step(f"store {p} -> {op and op.id}", Allowed())
 
     def _stored_errors(self, prefix, n_tokens: int, with_state: bool) -> list[str]:
@@ -587,6 +606,7 @@ class CacheMachine(RuleBasedStateMachine):
             for end in range(len(prefix) - n_tokens + PS, len(prefix) + 1, PS):
                 h = hashes[end // PS - 1]
                 page = self.storage.get(h)
+                self.l3.read_back(prefix[:end], page is not None)
                 if page is None:
                     if self.l3_dir is None and not self.put_faults:  # (a torn write reads back as a miss)
                         v.append(f"store of {prefix} completed but L3 lacks the page ending at {end}")
@@ -609,6 +629,8 @@ class CacheMachine(RuleBasedStateMachine):
         never wrong data (D1 checks every page that lands)."""
         self.storage.faults.inject(kind, op)
         self.put_faults = self.put_faults or op == "put"
+        self.l3.put_faults = self.put_faults
+        self.l3.get_tears = self.l3.get_tears or (kind, op) == ("torn", "get")
         self._step(f"storage_fault {kind} {op}", Allowed())
 
     @precondition(lambda self: self.l3_dir is not None and self.seeded)
@@ -638,6 +660,7 @@ class CacheMachine(RuleBasedStateMachine):
         record = l3_records.forge(kind, hashes[i], st_.page_shape, st_.dtype, wrong, donor, r)
         with open(os.path.join(st_.directory, f"{hashes[i]:016x}.page"), "wb") as f:
             f.write(record)
+        self.l3.forged(tuple(tokens[: (i + 1) * PS]))
         self.put_faults = True  # L3 now loses pages behind the cache's back
         self._step(f"storage_forged_record {kind} {tokens} page {i} r={r}", Allowed())
 
@@ -647,6 +670,7 @@ class CacheMachine(RuleBasedStateMachine):
         prefetch must stop at the hole."""
         hashes = page_hashes(ROOT_HASH, tokens, PS)
         self.storage.delete(hashes[k % len(hashes)])
+        self.l3.lost(tuple(tokens[: (k % len(hashes) + 1) * PS]))
         self.put_faults = True  # L3 now loses pages behind the cache's back
         self._step(f"storage_hole {tokens} page {k % len(hashes)}", Allowed())
 
@@ -664,19 +688,45 @@ class CacheMachine(RuleBasedStateMachine):
         c = self.cache
         m = self._match(tokens)
         anchor = node_prefix(m.last_host_node)
-        stored = self.storage.exists(page_hashes(ROOT_HASH, tokens, PS)[len(anchor) // PS:]) * PS
+        pages = [tuple(tokens[:e]) for e in range(len(anchor) + PS, len(tokens) + 1, PS)]
+        lo, hi = (n * PS for n in self.l3.bounds(pages))  # what L3 holds, by the model's own account
         cap = self.ranks.view.hit_cap
-        stored = stored if cap is None else min(stored, cap)  # TP: every rank fetches what all can supply
-        want = self.model.predict_prefetch(stored, c.host_kv.allocator.available(), anchor,
-                                           c.config.prefetch_threshold)
+        if cap is not None:  # TP: every rank fetches what all can supply
+            lo, hi = min(lo, cap), min(hi, cap)
+        free = self._free_host()
+        want = [self.model.predict_prefetch(n, free, anchor, c.config.prefetch_threshold) for n in (lo, hi)]
         rid = f"req{next(self._rids)}"
         op = c.prefetch(rid, m.last_host_node, tokens[len(anchor):])
         got = len(op.prefetch.key) if op is not None else 0
         if op is not None:
             self.prefetching[rid] = (op, anchor, op.prefetch.key, self.time + c.config.prefetch_timeout_steps)
+            self.staging[op.id] = got
+            self.l3_ops[op.id] = pages[: got // PS]
+            self.l3.read(pages[: got // PS])
+        held = f"{lo}" if lo == hi else f"{lo} to {hi}"
         self._step(f"prefetch {rid} {tokens[len(anchor):]} after {list(anchor)} -> {got} tokens", self._l2_room(),
-                   lambda b, a: [] if got == want else [f"prefetch fetches {got} tokens; storage holds {stored} "
-                                                        f"and the model says {want}"])
+                   lambda b, a: [] if want[0] <= got <= want[1] else [
+                       f"prefetch fetches {got} tokens; by the model L3 holds {held} tokens past the anchor and "
+                       f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"])
+
+    def _free_host(self) -> int:
+        """Free L2 tokens by the model's own count: L2's size less the pages L2 holds, the pages
+        backups in flight write into, and the slots prefetches still own."""
+        m = self.model
+        used = PS * (sum(g.host for g in m.pages.values()) + sum(len(o.pages) for o in m.ops.values() if o.kind == "backup"))
+        return HOST_TOKENS - used - sum(self.staging.values())
+
+    def _l3_tick(self, after) -> None:
+        """Operations that ended no longer read or write L3 nor own L2 slots; those in flight may
+        touch their pages at any step."""
+        for i in [i for i in self.l3_ops if i not in after.ops]:
+            self.l3.tick(self.l3_ops.pop(i))
+        for i in [i for i in self.staging if i not in after.ops]:
+            del self.staging[i]
+        self.l3.tick(p for pages in self.l3_ops.values() for p in pages)
+        for i, pages in self.l3_ops.items():
+            if i in self.staging:
+                self.l3.read(pages)
 
     @precondition(lambda self: self.seeded)
     @rule(i=st.integers(0, 7), extra=st.lists(st.sampled_from(PAGES), max_size=1))
@@ -710,6 +760,7 @@ class CacheMachine(RuleBasedStateMachine):
         state_done = len(op.parts) > len(op.kv_parts) and status.get(op.parts[len(op.kv_parts)]) is PartStatus.DONE
         if done:
             del self.prefetching[rid]
+            self.staging[op.id] = len(key) - PS * len(got)  # what arrived joined the tree (or was there)
             self.time += 0 if pool_pending else 1  # terminating inserts what arrived: that reads the clock
             self.rec.tick()
             self.rec.use(got)  # the fetched pages join the tree: used now

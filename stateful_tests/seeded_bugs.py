@@ -20,6 +20,7 @@ import refcache.bookkeeping as bookkeeping_mod
 import refcache.cache as cache_mod
 import refcache.pages as pages_mod
 import refcache.prefetch as prefetch_mod
+import refcache.storage as storage_mod
 from refcache.cache import HiCache
 from refcache.config import PrefetchPolicy, WritePolicy
 from refcache.errors import PoolExhaustedError
@@ -285,6 +286,10 @@ def _try_backup_only_changed(self, node, demote=False):
 _try_backup = HiCache._try_backup
 
 
+def _exists_counting_every_hit(self, hashes):
+    return sum(1 for h in hashes if h in self._index)
+
+
 _ALL = tuple(f"{c}/{p}" for c in ("full", "mamba", "swa")
              for p in ("write_through", "write_through_selective", "write_back"))
 _SIDECAR = tuple(m for m in _ALL if not m.startswith("full"))
@@ -425,4 +430,12 @@ SEEDED_BUGS: dict[str, SeededBug] = {
         "After a backup failed for lack of L2 room, later inserts through that node never back it up again, so "
         "the prefix is lost on the next eviction. Nothing changes that may not; caught by the model's required "
         "effect (under write-through every inserted page is on L2 or being backed up when L2 has room)."),
+    "storage_exists_counts_past_a_hole": SeededBug(
+        0, "L3's existence query counts every stored page, not the leading run",
+        lambda: mock.patch.object(storage_mod.StorageBackend, "exists", _exists_counting_every_hit),
+        ("full/write_through",),
+        "Storage that lost a page in the middle of a prefix still reports the pages after it, so a prefetch sizes "
+        "its run (and its L2 allocation) past the hole. Reads stop at the hole and no wrong data lands; the cache "
+        "agrees with its own backend. Caught only because the model keeps its own account of what L3 holds (the "
+        "writes and losses it saw) and predicts the prefetch length from it, never from the backend's index."),
 }

@@ -4,7 +4,8 @@ check that no longer reads the cache's own values (identity, recency, required e
 Each bug is a seeded bug (stateful_tests/seeded_bugs.py) that the cache is self-consistent under:
 its hashes chain, its eviction follows its own stamps, every change it makes is one the frame
 allows. Before the model derived contents from tokens, kept its own recency and predicted required
-effects, none of them was found in 25 s of search; each must now be found, by the named check.
+effects and kept its own account of L3, none of them was found in 25 s of search; each must now be
+found, by the named check.
 The clean machines (test_machines.py) pass the same checks.
 """
 
@@ -22,6 +23,7 @@ CASES = {
     "match_forgets_recency": "not least recently used",  # the model's own recency
     "alloc_refuses_when_all_evictable_needed": "freeable",  # allocation must succeed
     "write_through_skips_passed_nodes": "due for backup",  # write-through must back up
+    "storage_exists_counts_past_a_hole": "by the model L3 holds",  # the model's own account of L3
 }
 
 
