@@ -105,3 +105,40 @@ for _ in range(4):
 print(json.dumps({"errors": errors}))
 """)
     assert r["errors"] == [[]] * 4, r
+
+
+@pytest.mark.parametrize("name", ["sglang-hicache-python-storage-best-effort", "sglang-hicache-rust-storage-timeout"])
+def test_load_back_follows_its_match_without_a_poll_between(name):
+    """Contract difference, found as a KeyError in `UnifiedTreeCore.node_by_id` (the lead that kept
+    the held-in-flight prefetch wait_complete-only): the adapter used to run the scheduler's HiCache
+    poll (`check_hicache_events`) between a load-back's match and its `load_back(best_match_node)`.
+    With a prefetch in flight, that poll drains its storage hit and allocates L2 for it, evicting
+    host leaves: the host-only node just matched was deleted, then looked up. The scheduler never
+    polls there: `Scheduler._get_new_batch_prefill_raw` matches (`req.init_next_round_input`) and
+    goes straight to `PrefillAdder.add_one_req` -> `init_load_back` (which pins the match by a host
+    lock while it reclaims); the poll runs only at the start of `get_next_batch_to_run`. The hit is
+    waited for before the load-back so the old order fails every time (it raced before)."""
+    _skip_unless_installed()
+    r = run_fresh(f"""
+import json, time
+from conformance import runner
+t = runner.make_factory({name!r})()
+for tokens in ([1, 2, 2, 2, 2, 2, 3, 3], [1, 2, 1, 2], [3, 3, 1, 1, 2, 2, 1, 2, 1, 1]):
+    t.insert(tokens, t.alloc(tokens))
+t.evict(8)  # the machine's evict(4): four pages
+t.insert([1, 1, 1, 1], t.alloc([1, 1, 1, 1]))
+t.prefetch_start([1, 2, 2, 2, 2, 2, 3, 3, 1, 1, 2, 2, 1, 2])
+q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
+while q.qsize() == 0 and time.monotonic() < stop:
+    time.sleep(0.002)
+try:
+    got, error = t.load_back([3, 3, 1, 1, 2, 2, 1, 2, 1, 1]), None
+except Exception as e:
+    got, error = None, f"{{type(e).__name__}}: {{e}}"
+checks = t.check() if error is None else []
+if error is None:
+    t.prefetch_finish()
+    checks += t.check()
+print(json.dumps({{"hit_queued": q.qsize() > 0 or error is not None, "error": error, "got": got, "checks": checks}}))
+""")
+    assert r["error"] is None and r["checks"] == [], r

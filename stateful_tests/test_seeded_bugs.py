@@ -34,11 +34,13 @@ def test_patches_are_undone():
     import refcache.bookkeeping as bookkeeping_mod
     import refcache.cache as cache_mod
     import refcache.prefetch as prefetch_mod
+    import refcache.storage as storage_mod
     from refcache.cache import HiCache
     from refcache.prefetch import PrefetchMixin
 
     watched = [(cache_mod, "resolve"), (cache_mod, "copy_kv"), (prefetch_mod, "prefetch_length"),
                (prefetch_mod, "page_hashes"), (bookkeeping_mod, "contribution"), (bookkeeping_mod, "host_evictable"),
+               (storage_mod.StorageBackend, "exists"),
                *[(PrefetchMixin, n) for n in ("prefetch_progress", "abort_prefetch", "_drain")],
                *[(HiCache, n) for n in ("match_prefix", "lock", "_make_room_device", "_try_backup",
                                         "_cascade", "_split", "_drop_device", "_release",

@@ -154,7 +154,8 @@ SEEDS: dict[int, Seed] = {
                       "prefetches in flight (one pinning a host path, the other staging), or an L2 smaller than "
                       "the device (hicache_ratio 0.625 on sglang-hicache-python-write-back-storage: clean then "
                       "diverges on a model gap, an unbacked write-back leaf the model deems evictable stays on "
-                      "device, and once raised KeyError in node_by_id, not reproduced: unclassified)"),
+                      "device, and once raised KeyError in node_by_id, not reproduced; likely our adapter's old HiCache poll "
+                      "between a load-back's match and the load-back, since removed: see test_hicache.py)"),
 }
 
 

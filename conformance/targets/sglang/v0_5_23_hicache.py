@@ -44,13 +44,12 @@ STORAGE_OPS = frozenset({"prefetch", "prefetch_pending"})
 
 
 def storage_ops(prefetch: str | None) -> frozenset:
-    """The storage operations the machine may drive. A prefetch held in flight across operations
-    only under wait_complete for now: under best_effort and timeout it meets an unclassified
-    KeyError in SGLang's `node_by_id` (7 operations: three inserts, evict(4), an insert, a held
-    prefetch, then a load-back; found 2026-12-02), an SGLang bug or our adapter's stale node id."""
-    if prefetch is None:
-        return frozenset()
-    return STORAGE_OPS if prefetch == "wait_complete" else frozenset({"prefetch"})
+    """The storage operations the machine may drive: with a storage tier, a prefetch run to its end
+    and one held in flight across operations, under every stop policy. (The held prefetch was once
+    wait_complete-only, for a KeyError in SGLang's `node_by_id` under best_effort and timeout: our
+    adapter polled HiCache between a load-back's match and the load-back, which the scheduler never
+    does; see `load_back` and test_hicache.py.)"""
+    return frozenset() if prefetch is None else STORAGE_OPS
 
 
 class SGLangUniHiCache(Target):
@@ -225,9 +224,14 @@ class SGLangUniHiCache(Target):
 
     def load_back(self, tokens) -> int | None:
         """Match, then load `best_match_node` back as the scheduler does (load_back, then start the
-        loading, then poll); None when the cache declined. Returns the device match length after."""
+        loading, then poll); None when the cache declined. Returns the device match length after.
+
+        No poll between the match and the load-back: the scheduler goes from the match
+        (`Req.init_next_round_input`) straight to `PrefillAdder.add_one_req` -> `init_load_back`
+        and polls HiCache (`check_hicache_events`) only at the start of a step. A poll there would
+        let a prefetch in flight take L2 for its storage hit, evicting host leaves, the matched
+        node among them (then a KeyError in node_by_id; test_hicache.py keeps the case)."""
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        self._settle()
         if m.host_hit_length > 0:
             got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
@@ -261,8 +265,8 @@ class SGLangUniHiCache(Target):
         continued from it) and leave it in flight (its anchor stays host-referenced until it ends):
         other operations may run before `prefetch_finish`. Returns the anchor's length."""
         c = self.cache
+        # As the scheduler's _prefetch_kvcache: the match, then the prefetch from its anchor, no poll between.
         m = c.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        self._settle()
         anchor = m.last_host_node
         start = self._end(anchor)
         self.requests += 1
@@ -527,8 +531,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         return Inserted(self.cached_len(res), not res.mamba_exist)
 
     def load_back(self, tokens) -> int | None:
-        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        self._settle()
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))  # no poll before the load
         if m.host_hit_length > 0 or m.mamba_host_hit_length > 0:
             got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
