@@ -128,6 +128,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.l3_ops: dict[int, list] = {}  # op id -> the L3 pages it reads or writes while in flight
         self.l3_held: list = []  # page lists of other instances' writes a "slow" fault may hold
         self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
+        self.failed_ops: set[int] = set()  # operations the driver failed a part of
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
@@ -793,6 +794,8 @@ class CacheMachine(RuleBasedStateMachine):
         parts = ex.pending_parts()
         op_id, part = parts[i % len(parts)]
         (ex.fail if fail else ex.complete)(op_id, part)
+        if fail:
+            self.failed_ops.add(op_id)
         self._step(f"{'fail' if fail else 'complete'} op {op_id} {part}", Allowed())
 
     @precondition(lambda self: self.cache.executor.pending_parts())
@@ -855,6 +858,12 @@ class CacheMachine(RuleBasedStateMachine):
             v += effects.ack_errors(a, [op.anchor for op in acked if op.kind == "load" and op.anchor])
             for s in stored:
                 v += self._stored_errors(*s)
+            for op in done:  # liveness: a transfer nothing failed must succeed
+                kind = before.ops[op.id].kind if op.id in before.ops else None
+                if (kind in ("backup", "load", "store") and op.state is not OpState.DONE
+                        and op.id not in self.failed_ops and not (kind == "store" and self.l3.put_faults)):
+                    v.append(f"op {op.id} ({kind}) ended {op.state.value} although no part of it was failed "
+                             f"{'and no L3 write fault was armed' if kind == 'store' else ''}".rstrip())
             return v + effects.settled_errors(self.after_snap.ops)
 
         self._step(f"poll -> {[op.id for op in done]}",

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from array import array
 
@@ -437,6 +438,8 @@ class SGLangUniHiCache(Target):
         import atexit
 
         atexit.unregister(self.cache.shutdown)
+        if getattr(self, "gate", None) is not None:
+            self.gate.set()
         if self.storage_dir is not None:
             self.cache.shutdown()
             shutil.rmtree(self.storage_dir, ignore_errors=True)
@@ -506,6 +509,51 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         self.k0 = self.kv.full_kv_pool.get_key_buffer(self.kv.full_kv_pool.start_layer)
         self.ids, self.prefixes, self.prefix_of, self.node_prefix_ = {}, [], {}, {}
         self.live, self.top = set(), self.root
+        self.gate = threading.Event()  # open unless a prefetch's mamba read is being held
+        self.gate.set()
+        if prefetch is not None:
+            self._gate_sidecar_reads()
+
+    def _gate_sidecar_reads(self) -> None:
+        """Make the storage backend's mamba reads wait at `gate`. A prefetch reads its KV, then the
+        mamba state at the end of what it found (a second read on the same storage thread, acked
+        apart); on this CPU the two follow each other within microseconds, against a remote backend
+        they need not. Holding the second read lets the machine poll the prefetch in that window."""
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+
+        backend = self.cache.cache_controller.storage_backend
+        read = backend.batch_get_v2
+
+        def gated(transfers, *a, **k):
+            if any(x.name == PoolName.MAMBA for x in transfers):
+                self.gate.wait(10)
+            return read(transfers, *a, **k)
+
+        backend.batch_get_v2 = gated
+
+    def prefetch_start(self, tokens: list[int]) -> int:
+        self.gate.clear()
+        return super().prefetch_start(tokens)
+
+    def prefetch_finish(self) -> dict:
+        """Poll the prefetch as the scheduler does while its mamba read is held (until its KV has
+        landed, it ended, or 0.5 s), then let the read go and poll it to its end."""
+        c, req = self.cache, self.pending_[0]
+        try:
+            stop = time.monotonic() + 0.5
+            while time.monotonic() < stop:
+                c.check_hicache_events()
+                info = c.ongoing_prefetch.get(req)
+                if info is None or info.operation.is_terminated():
+                    break
+                op = info.operation
+                if op.host_indices is not None and op.completed_tokens >= len(op.hash_value) * self.info.page_size:
+                    c.check_prefetch_progress(req)  # the KV is in, the state is not: may it end now?
+                    break
+                time.sleep(0.001)
+        finally:
+            self.gate.set()
+        return super().prefetch_finish()
 
     def alloc(self, tokens):
         idx = super().alloc(tokens)
