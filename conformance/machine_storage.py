@@ -103,6 +103,11 @@ class StorageMachine(ConformanceMachine):
         self._touch([p for p in pages if len(p) <= host_len])
         waits = self.t.prefetch_policy == "wait_complete"
         fits = min(run, free // ps)
+        # All-or-nothing (a sidecar): the whole run is due where L3 also holds the state at its end and
+        # both host pools have room for it (a target that can say so: `l3_sidecar_pages`).
+        side_l3 = getattr(self.t, "l3_sidecar_pages", None)
+        whole = self.info.sidecar is not None and side_l3 is not None and run >= self.THRESHOLD_PAGES \
+            and free // ps >= run and side_l3(tokens)[start + run - 1] and self.t.host_sidecar_free() >= 1
 
         def anchor(anchor_len):
             if anchor_len != host_len:
@@ -122,6 +127,10 @@ class StorageMachine(ConformanceMachine):
                     and fits >= self.THRESHOLD_PAGES and n < fits:
                 v.append(f"prefetch brought {n} of the {run} pages L3 holds with room for {fits} in L2 "
                          f"({free} tokens free): it must truncate to what fits, not give up (outcome {outcome})")
+            if alone and waits and not declined and whole and n < run:
+                v.append(f"prefetch brought {n} of the {run} pages L3 holds, with the {self.info.sidecar} state at "
+                         f"their end and room for all in L2: waiting for completion, it must bring them all "
+                         f"(outcome {outcome})")
             return v
 
         side = frozenset(pages) if self.info.sidecar else frozenset()  # a prefetched path's state comes with it

@@ -243,6 +243,24 @@ def _lost(before: Model, after: Model, tier: str) -> list[Prefix]:
     return [p for p, g in before.pages.items() if getattr(g, tier) and not getattr(after.pages.get(p) or gone, tier)]
 
 
+def _overshoot(before: Model, lost: list[Prefix], n: int, freed: int, what: str) -> list[str]:
+    """Eviction stops once `n` tokens are free: all it freed before its last victim was short of
+    `n`. Victims are nodes, which the model does not see; the last one lies within one connected
+    run of lost pages, so freed less the largest such run must be short of `n`."""
+    if n <= 0 or not lost:
+        return []
+    ps, gone = before.page_size, set(lost)
+    size: dict[Prefix, int] = {}
+    for p in sorted(lost, key=len):  # parents first: a page joins its lost parent's run
+        top = p
+        while len(top) > ps and top[:-ps] in gone:
+            top = top[:-ps]
+        size[top] = size.get(top, 0) + ps
+    if freed - max(size.values()) >= n:
+        return [f"{what}({n}) freed {freed}: it went on after {freed - max(size.values())} tokens were already free"]
+    return []
+
+
 def _lru_errors(before: Model, chosen: list[Prefix], stayed: list[Prefix], what: str, rec) -> list[str]:
     """LRU judged by the model's own recency (`models.recency.Recency`) when given, else by the
     implementation's stamps (for targets whose recency the model cannot follow)."""
@@ -254,7 +272,7 @@ def _lru_errors(before: Model, chosen: list[Prefix], stayed: list[Prefix], what:
 
 def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = True, rec=None) -> list[str]:
     """evict(n): freed = device tokens lost; stop only when n are freed or no evictable device leaf
-    is left; each chosen leaf is no more recent than any unlocked leaf that stayed (ties either way)."""
+    is left, and not later; each chosen leaf is no more recent than any unlocked leaf that stayed (ties either way)."""
     v = []
     lost = _lost(before, after, "dev")
     if freed != before.page_size * len(lost):
@@ -264,6 +282,7 @@ def check_evict(before: Model, after: Model, n: int, freed: int, lru: bool = Tru
         v.append(f"evict({n}) freed {freed} but evictable device leaves remain: {left[:3]}")
     if n == 0 and lost:
         v.append(f"evict(0) freed {sorted(lost)[:3]}")
+    v += _overshoot(before, lost, n, freed, "evict")
     if lru:
         cands = [p for p in before.pages if before.dev_evictable(p)]
         chosen = [p for p in cands if p in lost]
@@ -283,6 +302,7 @@ def check_evict_host(before: Model, after: Model, n: int, freed: int, rec=None) 
         v.append(f"evict_host({n}) freed {freed} but host leaves remain: {left[:3]}")
     if n == 0 and lost:
         v.append(f"evict_host(0) freed {sorted(lost)[:3]}")
+    v += _overshoot(before, lost, n, freed, "evict_host")
     cands = [p for p in before.pages if before.host_leaf(p)]
     chosen = [p for p in cands if p in lost]
     stayed = [p for p in cands if p not in lost]

@@ -531,6 +531,17 @@ class SGLangUniHiMamba(SGLangUniHiCache):
 
         backend.batch_get_v2 = gated
 
+    def l3_sidecar_pages(self, tokens: list[int]) -> list[bool]:
+        """For each page of `tokens`: whether L3 holds the mamba state that ends there."""
+        from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+        backend = self.cache.cache_controller.storage_backend
+        return [bool(backend.exists(k + ".mamba")) for k in get_storage_hash_str(array("q", tokens), None, page_size=1)]
+
+    def host_sidecar_free(self) -> int:
+        """Free states in the host mamba pool."""
+        return sum(e.host_pool.available_size() for e in self.cache.host_pool_group.entries if e.name == "mamba")
+
     def prefetch_start(self, tokens: list[int]) -> int:
         self.gate.clear()
         return super().prefetch_start(tokens)
