@@ -682,9 +682,10 @@ class CacheMachine(RuleBasedStateMachine):
         self.ranks.view = PeerView(cap, ready, terminated)
         self._step(f"peer_view cap={cap} ready={ready} terminated={terminated}", Allowed())
 
-    @rule(tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2))
-    def prefetch(self, tokens, extra):
-        """Prefetch the continuation past last_host_node of what storage holds."""
+    @rule(tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2), tail=st.sampled_from([(), (1,)]))
+    def prefetch(self, tokens, extra, tail=()):
+        """Prefetch the continuation past last_host_node of what storage holds (a request's tokens
+        rarely end on a page boundary: the partial page is never fetched)."""
         tokens = tokens + [t for p in extra for t in p]
         c = self.cache
         m = self._match(tokens)
@@ -697,7 +698,7 @@ class CacheMachine(RuleBasedStateMachine):
         free = self._free_host()
         want = [self.model.predict_prefetch(n, free, anchor, c.config.prefetch_threshold) for n in (lo, hi)]
         rid = f"req{next(self._rids)}"
-        op = c.prefetch(rid, m.last_host_node, tokens[len(anchor):])
+        op = c.prefetch(rid, m.last_host_node, tokens[len(anchor):] + list(tail))
         got = len(op.prefetch.key) if op is not None else 0
         if op is not None:
             self.prefetching[rid] = (op, anchor, op.prefetch.key, self.time + c.config.prefetch_timeout_steps)
@@ -705,7 +706,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.l3_ops[op.id] = pages[: got // PS]
             self.l3.read(pages[: got // PS])
         held = f"{lo}" if lo == hi else f"{lo} to {hi}"
-        self._step(f"prefetch {rid} {tokens[len(anchor):]} after {list(anchor)} -> {got} tokens", self._l2_room(),
+        self._step(f"prefetch {rid} {tokens[len(anchor):] + list(tail)} after {list(anchor)} -> {got} tokens", self._l2_room(),
                    lambda b, a: [] if want[0] <= got <= want[1] else [
                        f"prefetch fetches {got} tokens; by the model L3 holds {held} tokens past the anchor and "
                        f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"])
@@ -771,6 +772,9 @@ class CacheMachine(RuleBasedStateMachine):
                                          f"pool transfer in flight: {pool_pending}, settled: {settled})"]
             v += [f"{p}: prefetched page arrived but is not in the tree" for p in got
                   if p not in a.pages or not (a.pages[p].dev or a.pages[p].host)]
+            if done and not pool_pending and len(op.prefetch.key) != PS * len(got):
+                v.append(f"terminated prefetch {rid} reports {len(op.prefetch.key)} tokens fetched; "
+                         f"{PS * len(got)} arrived and joined the tree")
             end = got[-1] if got else None
             if (end and arrived == len(op.kv_parts) and state_done and a.pages.get(end, Page(False, False)).host
                     and not a.pages[end].mamba_host):

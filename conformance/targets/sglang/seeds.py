@@ -83,6 +83,34 @@ def seed_26945() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def seed_27366() -> Iterator[None]:
+    """#27366 "HiMamba prefetch terminated while its mamba pool transfer is still in flight": a prefetch
+    counted as done once its KV pages had arrived from storage, and was ended (its result committed, its
+    staging released) while the read of its mamba state was still running; the fix waits for that read
+    too. HiMambaRadixCache is gone in 0.5.23; the stop decision is `UnifiedRadixCache._can_terminate_
+    prefetch`, where wait_complete never stops a prefetch itself (the ACK drain commits it once every
+    read, the state's included, has acknowledged) and timeout will not cut one whose KV has landed
+    (`_prefetch_deadline_expired`). The revert lets both stop as soon as the KV has landed, as before
+    the fix. The rest of 0.5.23 then keeps memory safe (the prefetch is discarded for want of its state,
+    the state's staging freed only when its read acknowledges), so what shows is the loss: a prefetch
+    that waits for completion brings nothing of a run that L3 holds whole."""
+    _load()
+    from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    orig = UnifiedRadixCache._can_terminate_prefetch
+
+    def can_terminate(self, operation):
+        kv_landed = operation.host_indices is not None and \
+            operation.completed_tokens >= len(operation.hash_value) * self.page_size
+        if self.prefetch_stop_policy in ("wait_complete", "timeout") and kv_landed:
+            return True
+        return orig(self, operation)
+
+    with mock.patch.object(UnifiedRadixCache, "_can_terminate_prefetch", can_terminate):
+        yield
+
+
+@contextlib.contextmanager
 def seed_23696() -> Iterator[None]:
     """#23696 "host-protected node deletion in the tombstone cascade": walking up from a deleted leaf,
     the cascade stopped only at nodes with a device lock (FULL or mamba), not at nodes a prefetch or
@@ -121,12 +149,15 @@ SEEDS: dict[int, Seed] = {
                 ("loaded without its mamba state", "device match after load_back", "AssertionError"),
                 calls=(("insert", [1]), ("insert", [1, 1, 2, 1]), ("evict", 4), ("load_back", [1, 1, 1]))),
     27366: Seed(27366, "HiMamba prefetch terminated while its mamba pool transfer is still in flight",
-                "sglang-hicache-mamba", None, (),
-                where="in 0.5.23 the check moved: wait_complete commits on the ACK drain, and the timeout "
-                      "policy's UnifiedRadixCache._prefetch_deadline_expired refuses to cut a prefetch whose KV "
-                      "landed while its sidecar read is pending; reverting that needs a mamba+storage target "
-                      "and a sidecar read still in flight at the deadline, which on the CPU (file backend, "
-                      "synchronous reads) only SGLang's random delay injector produces: not done"),
+                "sglang-hicache-mamba-storage", seed_27366, ("must bring them all",),
+                calls=(("insert", [1, 1, 1, 1]), ("insert", [2] * 16), ("insert", [3] * 10),
+                       ("prefetch", [1, 1, 1, 1, 1])),
+                where="UnifiedRadixCache._can_terminate_prefetch in 0.5.23 (wait_complete leaves the commit to the "
+                      "ACK drain, after the state's read; timeout's _prefetch_deadline_expired spares a prefetch "
+                      "whose KV landed). On the CPU the state's read follows the KV within microseconds, so the "
+                      "mamba storage targets hold it (SGLangUniHiMamba._gate_sidecar_reads) while the prefetch "
+                      "is polled, and the machine asks an all-or-nothing prefetch that waits for completion to "
+                      "bring a run L3 holds whole (KV and the state at its end) when both host pools have room"),
     26945: Seed(26945, "prefetch abandoned instead of truncated when L2 cannot take the whole hit",
                 "sglang-hicache-python-storage", seed_26945, ("must truncate to what fits",),
                 calls=(("insert", [3, 3, 2, 2, 2, 2, 1, 1, 2, 2]), ("insert", [2, 2, 1, 1]),
