@@ -239,9 +239,12 @@ class ConformanceMachine(RuleBasedStateMachine):
         n = k * self.info.page_size if k < 10**6 else k
         freed = self.t.evict(n)
         spec = SPEC_LRU and "lru-recency" not in self.info.allow
+        l2_free = self.t.host_free() if "write-back-l2-full" in self.info.allow else None
 
         def check(b, a):
             v = check_evict(b, a, n, freed, lru=self.info.stamps)
+            if l2_free is not None:
+                v = _spare_unbacked_leaves(a, v, l2_free)
             if spec:  # judge the choice by the spec's recency, not the target's own stamps
                 by_spec = replace(b, pages={p: replace(g, stamp=self.recency.get(p, 0)) for p, g in b.pages.items()})
                 v += [f"(spec recency) {x}" for x in check_evict(by_spec, a, n, freed) if "before older" in x]
@@ -312,6 +315,28 @@ class ConformanceMachine(RuleBasedStateMachine):
                 raise Disagreement(f"{self.info.name}: at teardown: " + "; ".join(v))
         finally:
             self.t.close()
+
+
+def _spare_unbacked_leaves(a, errs: list[str], l2_free: int) -> list[str]:
+    """"write-back-l2-full" (a contract difference, kept in test_hicache.py): under write_back an
+    evicted leaf with no L2 copy is backed up first, and where L2 has no room for it and what holds
+    L2 is host-referenced (an L3 backup the same eviction started, a prefetch in flight), SGLang
+    neither backs it up nor drops its subtree: it stays on device until L2 frees. The spec's evict
+    goes on while an evictable leaf remains; the complaint is dropped when every leaf left is
+    device-only and L2, after the step, is short of its unbacked run (the pages back to the nearest
+    page with an L2 copy, an upper bound of the leaf node's size)."""
+    ps = a.page_size
+
+    def run(p):
+        k = len(p)
+        while k > 0 and p[:k] in a.pages and not a.pages[p[:k]].host:
+            k -= ps
+        return len(p) - k
+
+    left = [p for p in a.pages if a.dev_evictable(p)]
+    if left and all(not a.pages[p].host and l2_free < run(p) for p in left):
+        return [e for e in errs if "evictable device leaves remain" not in e]
+    return errs
 
 
 def _key(node):

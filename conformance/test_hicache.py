@@ -142,3 +142,70 @@ if error is None:
 print(json.dumps({{"hit_queued": q.qsize() > 0 or error is not None, "error": error, "got": got, "checks": checks}}))
 """)
     assert r["error"] is None and r["checks"] == [], r
+
+
+SMALL_L2 = "sglang-hicache-python-write-back-storage-small-l2"
+
+
+def test_match_reads_its_nodes_before_the_poll():
+    """Adapter bug, found as a KeyError in `UnifiedTreeCore.node_by_id` on the small-L2 write-back
+    target: `match` ran the HiCache poll between `match_prefix` and reading the nodes it returned.
+    With a prefetch in flight, that poll allocates L2 for its storage hit, evicting host leaves, the
+    host-only best_match_node just matched among them. The scheduler uses a match's result before it
+    polls; the adapter now reads the match first. The hit is waited for so the old order fails every
+    time."""
+    _skip_unless_installed()
+    r = run_fresh(f"""
+import json, time
+from conformance import runner
+t = runner.make_factory({SMALL_L2!r})()
+t.insert([1, 1, 1, 1], t.alloc([1, 1, 1, 1]))
+t.evict(2)
+tokens = [1, 2, 1, 1, 2, 2, 2, 2, 2, 2]
+t.insert(tokens, t.alloc(tokens))
+t.evict(2)
+t.prefetch_start([1, 1, 1, 1, 1, 2, 1, 2, 2, 2])
+q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
+while q.qsize() == 0 and time.monotonic() < stop:
+    time.sleep(0.002)
+try:
+    m, error = t.match(tokens), None
+except Exception as e:
+    m, error = None, f"{{type(e).__name__}}: {{e}}"
+checks = t.check() if error is None else []
+if error is None:
+    t.prefetch_finish()
+    checks += t.check()
+print(json.dumps({{"error": error, "best": m and m.best_len, "checks": checks}}))
+""")
+    assert r["error"] is None and r["checks"] == [], r
+
+
+def test_write_back_eviction_keeps_an_unbacked_leaf_while_l2_is_held():
+    """Contract difference ("write-back-l2-full", machine.py `_spare_unbacked_leaves`): under
+    write_back with L3, evict backs each leaf up to L2 before freeing it, and each backup starts an
+    L3 write that host-references its node until the next poll. With 12 L2 slots, the last leaf
+    ([1, 1, 2, 2], 4 tokens) finds L2 full of the nodes those writes hold: 0.5.23 neither backs it up
+    nor drops its subtree (`_evict_components`: "subtree drop declined ... stays device-resident
+    until host space frees"), so evict(everything) leaves it on device, unbacked. The spec's evict
+    goes on while an evictable leaf remains. (Seed #23696's revert drops that subtree instead.)"""
+    _skip_unless_installed()
+    r = run_fresh(f"""
+import json
+from conformance import runner
+from conformance.machine import replay
+calls = [("insert", [1, 1, 2, 2]), ("insert", [1, 1, 2, 2, 3, 3, 4, 4]),
+         ("insert", [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7])]
+t = runner.make_factory({SMALL_L2!r})()
+for _, tokens in calls:
+    t.insert(tokens, t.alloc(tokens))
+    t.abstract()  # the adapter learns each node's prefix from its device KV, as the machine's steps do
+freed = t.evict(10**6)
+pages = t.abstract().pages
+dev = sorted([list(p), g.host] for p, g in pages.items() if g.dev)
+err = replay(runner.machine({SMALL_L2!r}), calls + [("evict", 10**6)])
+print(json.dumps({{"freed": freed, "dev": dev, "l2_free": t.host_free(), "checks": t.check(),
+                   "replay": None if err is None else str(err)}}))
+""")
+    assert r["dev"] == [[[1, 1], False], [[1, 1, 2, 2], False]] and r["l2_free"] < 4, r
+    assert r["checks"] == [] and r["replay"] is None, r

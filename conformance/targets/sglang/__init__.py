@@ -77,3 +77,11 @@ TARGETS["sglang-hicache-mamba-storage"] = TargetSpec(
     "SGLang 0.5.23 HiCache (FULL+MAMBA), Python tree core, write_through, file storage backend (L3), "
     "prefetch stop policy wait_complete, page 1", 1, args=("write_through", "wait_complete"),
     machine="conformance.machine_storage:StorageMachine")
+# The same with an L2 smaller than the device's pool (hicache_ratio 0.625, 12 host slots against 16):
+# an eviction's write-back backup can fail for want of L2 that nodes held by host reference (an L3
+# backup or a prefetch in flight) keep, so the subtree drop meets them (the tombstone seed, #23696).
+TARGETS["sglang-hicache-python-write-back-storage-small-l2"] = TargetSpec(
+    f"{_H}:SGLangUniHiCache", V_NEW,
+    "SGLang 0.5.23 HiCache (FULL), Python tree core, write_back, hicache_ratio 0.625 (L2 smaller than the "
+    "device), file storage backend (L3), prefetch stop policy wait_complete, page 2",
+    args=("python", "write_back", "wait_complete", 0.625), machine="conformance.machine_storage:StorageMachine")

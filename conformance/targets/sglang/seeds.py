@@ -171,22 +171,19 @@ SEEDS: dict[int, Seed] = {
                       "equal the originals (direct IO, page-first-direct), so the pollution is invisible: "
                       "it needs the GPU with io_backend=kernel"),
     23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
-                "sglang-hicache-python-write-back-storage", None, ("R1: host pool", "KeyError"),
+                "sglang-hicache-python-write-back-storage-small-l2", seed_23696, ("R1: host pool", "KeyError"),
+                calls=(("insert", [1, 1, 2, 2]), ("insert", [1, 1, 2, 2, 3, 3, 4, 4]),
+                       ("insert", [1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]), ("evict", 10**6)),
                 where="UnifiedTreeCore._iteratively_delete_tombstone_ancestors (the cascade) and "
                       "UnifiedTreeCore.drop_subtree_no_host (write_back's drop of an unbacked subtree under L2 "
                       "pressure) in 0.5.23: both stop at lock_ref or host_lock_ref; seed_23696 drops the "
-                      "host_lock_ref half of both. Not caught yet (patch left unset until it is): the cascade only "
-                      "ever reaches nodes with FULL KV on neither tier, which 0.5.23 never leaves in the tree (a "
-                      "probe over random write_back/selective runs with prefetches in flight never saw one); the "
-                      "drop is reachable when eviction picks a device-only prefetch anchor the prefetch in flight "
-                      "pins while L2 holds nothing reclaimable, but a prefetch pins its anchor only until the next "
-                      "poll drains its read, and one prefetch's staging is at most 16 - anchor tokens (L3 chains "
-                      "come from inserts that fit the 16-token device pool) against 22 L2 slots. Next: two "
-                      "prefetches in flight (one pinning a host path, the other staging), or an L2 smaller than "
-                      "the device (hicache_ratio 0.625 on sglang-hicache-python-write-back-storage: clean then "
-                      "diverges on a model gap, an unbacked write-back leaf the model deems evictable stays on "
-                      "device, and once raised KeyError in node_by_id, not reproduced; likely our adapter's old HiCache poll "
-                      "between a load-back's match and the load-back, since removed: see test_hicache.py)"),
+                      "host_lock_ref half of both. Caught on an L2 smaller than the device (hicache_ratio 0.625: 12 "
+                      "host slots against 16): the eviction backs the leaves up to L2, each backup starting an L3 "
+                      "write that host-references its node until the next poll; the last leaf's backup finds L2 "
+                      "full of those nodes, and the drop of its subtree, which the fix declines, deletes them, so "
+                      "the L3 write's acknowledgement raises KeyError in node_by_id (dec_host_lock_ref). The "
+                      "cascade alone is still never reached: it only meets nodes with FULL KV on neither tier, "
+                      "which 0.5.23 never leaves in the tree"),
 }
 
 

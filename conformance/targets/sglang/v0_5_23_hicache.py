@@ -62,9 +62,11 @@ class SGLangUniHiCache(Target):
     # init_load_back as InitLoadBackParams.best_match_node); seeds.py reverts it for one seed.
     LOAD_BACK_ANCHOR = "best_match_node"
 
-    def __init__(self, core: str = "python", policy: str = "write_through", prefetch: str | None = None):
+    def __init__(self, core: str = "python", policy: str = "write_through", prefetch: str | None = None,
+                 ratio: float | None = None):
         """`prefetch`: None (no storage tier), or the prefetch stop policy ("best_effort",
-        "wait_complete", "timeout") with SGLang's file storage backend in a fresh directory."""
+        "wait_complete", "timeout") with SGLang's file storage backend in a fresh directory.
+        `ratio`: hicache_ratio (L2 size over the device's), by default 1.5, 1.25 with storage."""
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import cache_init_params as cip
@@ -81,13 +83,16 @@ class SGLangUniHiCache(Target):
             cpu_stand_ins()
         ps, n = 2, 16
         self.policy, self.core = policy, core
-        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=ps,
+        self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}"
+                               f"{self._ratio_suffix(ratio)}", page_size=ps,
                                ops=CORE_OPS | {"load_back"} | storage_ops(prefetch), device_tokens=n,
-                               host=True, sglang=V_NEW, exact_locks=False, stamps=False, allow=self.allowances(policy),
+                               host=True, sglang=V_NEW, exact_locks=False, stamps=False,
+                               allow=self.allowances(policy) | self.storage_allowances(policy, prefetch),
                                notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
         sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
                         hicache_mem_layout="page_first_direct", hicache_write_policy=policy,
-                        hicache_ratio=1.5 if prefetch is None else 1.25,  # L2 pressure makes prefetches truncate
+                        # L2 pressure makes prefetches truncate
+                        hicache_ratio=ratio or (1.5 if prefetch is None else 1.25),
                         device=dev, **self._storage(prefetch, ps))
         set_global_server_args_for_scheduler(sa)
         self._one_rank()
@@ -136,6 +141,19 @@ class SGLangUniHiCache(Target):
             from sglang.srt.runtime_context import get_parallel
 
             get_parallel().override_permanently(tp_rank=0, tp_size=1, pp_rank=0, pp_size=1)
+
+    @staticmethod
+    def storage_allowances(policy: str, prefetch: str | None) -> frozenset:
+        """"write-back-l2-full" (machine.py `_spare_unbacked_leaves`): under write_back with L3, an
+        eviction may leave an unbacked leaf on device when L2 cannot take its backup and what holds
+        L2 is host-referenced by an L3 backup or a prefetch (`_evict_components`: "subtree drop
+        declined ... stays device-resident until host space frees")."""
+        return frozenset({"write-back-l2-full"}) if policy == "write_back" and prefetch is not None else frozenset()
+
+    @staticmethod
+    def _ratio_suffix(ratio: float | None) -> str:
+        """The target name's tail for an L2 smaller than the device's pool ("-small-l2")."""
+        return "" if ratio is None else "-small-l2" if ratio < 1 else f"-l2-{ratio:g}"
 
     def _suffix(self, prefetch: str | None) -> str:
         if prefetch is None:
@@ -212,13 +230,17 @@ class SGLangUniHiCache(Target):
         return path[-1].path_end if path else 0
 
     def match(self, tokens):
+        # The match's nodes are read before the poll: a poll lets a prefetch in flight take L2 for its
+        # storage hit, evicting host leaves, the matched best_match_node / last_host_node among them
+        # (then a KeyError in node_by_id), and the scheduler uses a match's result before it polls.
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
-        self._settle()
         node = m.last_device_node
         self.prefix_of[node] = tuple(tokens[: m.device_prefix_len])
         idx = self.tc.collect_full_device_indices(node, self.root).tolist()
-        return Match(device_len=m.device_prefix_len, best_len=self._end(m.best_match_node), node=node,
-                     device_indices=idx, last_host_len=self._end(m.last_host_node), host_hit=m.host_hit_length)
+        got = Match(device_len=m.device_prefix_len, best_len=self._end(m.best_match_node), node=node,
+                    device_indices=idx, last_host_len=self._end(m.last_host_node), host_hit=m.host_hit_length)
+        self._settle()
+        return got
 
     def data_ok(self, tokens, m) -> bool:
         return [self._read(s) for s in m.device_indices] == [tuple(tokens[: i + 1]) for i in range(len(m.device_indices))]
