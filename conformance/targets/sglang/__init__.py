@@ -85,3 +85,8 @@ TARGETS["sglang-hicache-python-write-back-storage-small-l2"] = TargetSpec(
     "SGLang 0.5.23 HiCache (FULL), Python tree core, write_back, hicache_ratio 0.625 (L2 smaller than the "
     "device), file storage backend (L3), prefetch stop policy wait_complete, page 2",
     args=("python", "write_back", "wait_complete", 0.625), machine="conformance.machine_storage:StorageMachine")
+TARGETS["sglang-hicache-mamba-storage-timeout"] = TargetSpec(
+    f"{_H}:SGLangUniHiMamba", V_NEW,
+    "SGLang 0.5.23 HiCache (FULL+MAMBA), Python tree core, write_through, file storage backend (L3), "
+    "prefetch stop policy timeout, page 1", 1, args=("write_through", "timeout"),
+    machine="conformance.machine_storage:StorageMachine")
