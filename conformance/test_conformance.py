@@ -19,6 +19,15 @@ pytestmark = pytest.mark.conformance
 BUDGET = float(os.environ.get("CONFORMANCE_BUDGET_S", "4"))
 REFCACHE = [n for n, s in runner.TARGETS.items() if s.sglang is None and s.requires is None]  # no other engine
 SGLANG = [n for n, s in runner.TARGETS.items() if s.sglang is not None]
+# Open divergences not yet classified (contract difference or target bug), each with its replay.
+OPEN = {
+    "sglang-hicache-python-write-back-storage-small-l2":
+        "seed 0: a match's poll, with a prefetch in flight, leaves a locked device page host-only "
+        "(lost device KV while locked); replay: insert [3,3,3,3,1,2,1,1,1,2], insert [3,3,1,2,2,2,3,3,1,2], "
+        "insert [1,1,2,2], match [3,3,3,3,1,2,1,1,1,2,3,3], lock #3, insert [1,1,1,1], insert [1,2,1,2,1,1,2,2], "
+        "insert [1,2,3,3,1,1,2,2,2,2], insert [1,1,3,3,1,2,1,2,2,2], "
+        "prefetch_start [3,3,3,3,1,2,1,1,1,2,1,1,1,2,2,2], match [1,2,1,2,1,1,2,2,3,3,3,3]",
+}
 
 
 def _assert_agrees(r: dict) -> None:
@@ -31,7 +40,8 @@ def test_refcache_target_agrees(name):
     _assert_agrees(runner.run_target(name, BUDGET, seed=0))
 
 
-@pytest.mark.parametrize("name", SGLANG)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=OPEN[n], strict=False))
+                                  if n in OPEN else n for n in SGLANG])
 def test_sglang_target_agrees(name):
     why = runner.unavailable_reason(name)
     if why:
