@@ -209,3 +209,57 @@ print(json.dumps({{"freed": freed, "dev": dev, "l2_free": t.host_free(), "checks
 """)
     assert r["dev"] == [[[1, 1], False], [[1, 1, 2, 2], False]] and r["l2_free"] < 4, r
     assert r["checks"] == [] and r["replay"] is None, r
+
+
+def test_match_learns_the_prefixes_of_its_path():
+    """Adapter bug (our abstraction, not SGLang), the "lost device KV while locked" the bounded run
+    of the small-L2 write-back target reported at seed 0. A match of [1,2,1,2,...] splits the
+    host-only node [1,2,3,3,1,1,2,2,2,2] into [1,2] + [3,3,1,1,2,2,2,2]; its poll then lets the
+    prefetch in flight take L2 for its storage hit, which evicts the lower half. The upper node
+    [1,2] holds no device KV and no descendant is left to derive its prefix from, so the adapter
+    guessed it lay on the prefetch's path ([3,3,...]) and reported a host-only (3,3) page: the
+    locked device node [3,3] read as if it had lost its KV. SGLang's tree kept [3,3] on device with
+    lock_ref 1. The adapter now records the prefix of every node on a match's path before any poll,
+    and takes the prefetch-path guess only where the node's storage hash agrees. The hit is waited
+    for before the match so the old reading fails every time."""
+    _skip_unless_installed()
+    r = run_fresh(f"""
+import json, time
+from conformance import runner
+from conformance.machine import replay
+calls = [("insert", [3, 3, 3, 3, 1, 2, 1, 1, 1, 2]), ("insert", [3, 3, 1, 2, 2, 2, 3, 3, 1, 2]),
+         ("insert", [1, 1, 2, 2]), ("match", [3, 3, 3, 3, 1, 2, 1, 1, 1, 2, 3, 3]), ("lock", 3),
+         ("insert", [1, 1, 1, 1]), ("insert", [1, 2, 1, 2, 1, 1, 2, 2]), ("insert", [1, 2, 3, 3, 1, 1, 2, 2, 2, 2]),
+         ("insert", [1, 1, 3, 3, 1, 2, 1, 2, 2, 2]), ("prefetch_start", [3, 3, 3, 3, 1, 2, 1, 1, 1, 2, 1, 1, 1, 2, 2, 2]),
+         ("match", [1, 2, 1, 2, 1, 1, 2, 2, 3, 3, 3, 3])]
+t = runner.make_factory({SMALL_L2!r})()
+lock = None
+for op, arg in calls[:-1]:
+    if op == "insert":
+        t.insert(arg, t.alloc(arg))
+    elif op == "match":
+        m = t.match(arg)
+    elif op == "lock":
+        lock = t.lock(m.node)
+    else:
+        t.prefetch_start(arg)
+    t.abstract()  # the adapter learns each node's prefix from its device KV, as the machine's steps do
+q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
+while q.qsize() == 0 and time.monotonic() < stop:
+    time.sleep(0.002)
+hit = q.qsize() > 0
+m = t.match(calls[-1][1])
+pages = t.abstract().pages
+view = {{str(list(p)): [g.dev, g.host, g.lock] for p, g in pages.items() if len(p) == 2}}
+checks = t.check()
+t.unlock(lock)
+t.prefetch_finish()
+checks += t.check()
+t.close()
+err = replay(runner.machine({SMALL_L2!r}), calls)
+print(json.dumps({{"hit": hit, "locked": t.locked_prefix(lock), "view": view, "host_hit": m.host_hit,
+                   "checks": checks, "replay": None if err is None else str(err)}}))
+""")
+    assert r["hit"] and r["locked"] == [3, 3] and r["host_hit"] == 2, r
+    assert r["view"] == {"[3, 3]": [True, False, 1], "[1, 1]": [True, False, 0], "[1, 2]": [False, True, 0]}, r
+    assert r["checks"] == [] and r["replay"] is None, r

@@ -229,11 +229,21 @@ class SGLangUniHiCache(Target):
         path = self.tc.collect_path_info([node])[0]
         return path[-1].path_end if path else 0
 
+    def _note_path(self, tokens, m) -> None:
+        """Record the prefix of every node on the path a match of `tokens` returned: each lies on
+        `tokens`. A match may split a host-only node; the new upper node holds no device KV to read
+        its prefix from, and a later poll may evict the lower one it could be derived from (a
+        prefetch's storage hit taking L2), so the prefix is taken here, before any poll."""
+        for node in (m.last_device_node, m.last_host_node, m.best_match_node):
+            for step in self.tc.collect_path_info([node])[0]:
+                self.node_prefix_[step.node_id] = tuple(tokens[: step.path_end])
+
     def match(self, tokens):
         # The match's nodes are read before the poll: a poll lets a prefetch in flight take L2 for its
         # storage hit, evicting host leaves, the matched best_match_node / last_host_node among them
         # (then a KeyError in node_by_id), and the scheduler uses a match's result before it polls.
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._note_path(tokens, m)
         node = m.last_device_node
         self.prefix_of[node] = tuple(tokens[: m.device_prefix_len])
         idx = self.tc.collect_full_device_indices(node, self.root).tolist()
@@ -255,6 +265,7 @@ class SGLangUniHiCache(Target):
         let a prefetch in flight take L2 for its storage hit, evicting host leaves, the matched
         node among them (then a KeyError in node_by_id; test_hicache.py keeps the case)."""
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._note_path(tokens, m)
         if m.host_hit_length > 0:
             got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
@@ -290,6 +301,7 @@ class SGLangUniHiCache(Target):
         c = self.cache
         # As the scheduler's _prefetch_kvcache: the match, then the prefetch from its anchor, no poll between.
         m = c.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
+        self._note_path(tokens, m)
         anchor = m.last_host_node
         start = self._end(anchor)
         self.requests += 1
@@ -325,7 +337,7 @@ class SGLangUniHiCache(Target):
         # The nodes a prefetch inserts hold no device data yet: they lie on the request's path.
         for i, path in self._nodes().items():
             end = path[-1].path_end
-            if i not in self.node_prefix_ and end <= len(tokens):
+            if i not in self.node_prefix_ and end <= len(tokens) and self._hash_agrees(i, tokens[:end]):
                 self.node_prefix_[i] = tuple(tokens[:end])
         bumped = [k for k, v in c._prefetch_outcome_stats.items() if v != before.get(k)]
         return {"tokens": tokens, "outcome": bumped}
@@ -402,13 +414,26 @@ class SGLangUniHiCache(Target):
                 for step in path[:-1]:
                     out.setdefault(step.node_id, out[i][: step.path_end])
         for i, path in nodes.items():  # a node a prefetch in flight inserted lies on its request's path
-            if i not in out and self.pending_ is not None and path[-1].path_end <= len(self.pending_[1]):
-                out[i] = tuple(self.pending_[1][: path[-1].path_end])
+            end = path[-1].path_end
+            if i not in out and self.pending_ is not None and end <= len(self.pending_[1]) \
+                    and self._hash_agrees(i, self.pending_[1][:end]):
+                out[i] = tuple(self.pending_[1][:end])
         for i in nodes:
             if i not in out:
                 raise AssertionError(f"node {i} ({nodes[i][-1]}): prefix unknown (no device data, none before)")
             self.node_prefix_[i] = out[i]
         return out
+
+    def _hash_agrees(self, node, tokens) -> bool:
+        """Whether `node` may end the prefix `tokens`: its last storage hash (where it has one) is
+        the hash chain's last of `tokens`. Guards the guess that a node of unknown prefix lies on the
+        path of the prefetch in flight: another host-only node (a match's split) may be there too."""
+        from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+        have = self.tc.get_last_hash_value(node)
+        if not have or not tokens:
+            return True
+        return get_storage_hash_str(array("q", tokens), None, page_size=self.info.page_size)[-1] == have
 
     def _walk(self, unlocked_only: bool):
         w = self.tc.walk_for_kv_canary(unlocked_only, False)
@@ -613,6 +638,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
 
     def load_back(self, tokens) -> int | None:
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))  # no poll before the load
+        self._note_path(tokens, m)
         if m.host_hit_length > 0 or m.mamba_host_hit_length > 0:
             got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
