@@ -60,6 +60,7 @@ from .data_oracle import data_errors, geometry, served_ok, write_request, write_
 from .peer_ranks import PeerRanks, PeerView
 
 PS = 2
+DEVICE_TOKENS = 16  # L1's size
 HOST_TOKENS = 24  # L2's size: free L2 is the model's own count against it, never the allocator's
 L3_ROOM = {"memory": 256, "file": 12}  # pages each L3 backend kind keeps (the file one evicts, LRU)
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
@@ -101,7 +102,7 @@ class CacheMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        cfg = CacheConfig(page_size=PS, device_tokens=16, host_tokens=HOST_TOKENS, backup_after_hits=2,
+        cfg = CacheConfig(page_size=PS, device_tokens=DEVICE_TOKENS, host_tokens=HOST_TOKENS, backup_after_hits=2,
                           prefetch_threshold=PS if self.STORAGE == "memory" else 2 * PS, prefetch_timeout_steps=3,
                           device=device(), **self.CONFIG)
         page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
@@ -426,7 +427,9 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(kind=st.sampled_from(["unaligned_key", "foreign_slots", "free_cached_slots", "unlock_unlocked",
                                 "detached_node", "float_tokens", "unknown_prefetch", "bool_tokens", "matrix_tokens",
                                 "huge_token", "text_tokens", "negative_evict", "negative_evict_host",
-                                "count_mismatch", "duplicate_slots"]), tokens=requests)
+                                "count_mismatch", "duplicate_slots", "unaligned_slots", "scrambled_page",
+                                "slots_past_pool", "negative_slots", "int32_slots", "slot_matrix", "free_unaligned",
+                                "free_past_pool", "meta_slots"]), tokens=requests)
     def misuse(self, kind, tokens):
         """A caller's mistake: the operation must raise the documented error and change nothing."""
         c, ps = self.cache, PS
@@ -452,13 +455,30 @@ class CacheMachine(RuleBasedStateMachine):
             "count_mismatch": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens) + ps, lambda i: i)),
             "duplicate_slots": (InvalidIndicesError, lambda: self._insert_owned(
                 tokens, len(tokens), lambda i: torch.cat([i[:ps], i[:-ps]]) if len(i) > ps else _raise())),
+            # slots that are not whole pages of this pool, in every way a caller can get them wrong
+            "unaligned_slots": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i + 1)),
+            "scrambled_page": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: i.view(-1, ps).flip(1).reshape(-1))),
+            "slots_past_pool": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: i + DEVICE_TOKENS)),
+            "negative_slots": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: i - 4 * DEVICE_TOKENS)),
+            "int32_slots": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i.int())),
+            "slot_matrix": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i.view(-1, ps))),
+            "free_unaligned": (InvalidIndicesError, lambda: self._free_owned(lambda i: i + 1)),
+            "free_past_pool": (InvalidIndicesError, lambda: self._free_owned(lambda i: i + DEVICE_TOKENS)),
+            "meta_slots": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: torch.empty(len(i), dtype=i.dtype, device="meta"))),
         }
         want, call = calls[kind]
         try:
             call()
         except _NothingToMisuse:
             return
-        except want:
+        except want as e:
+            says = MISUSE_SAYS.get(kind)
+            if says and says not in str(e):
+                raise Disagreement(f"misuse {kind}: the error says {str(e)!r}, not {says!r}") from e
             return self._step(f"misuse {kind} -> {want.__name__}", Allowed(), lambda b, a: same_data(b, a))
         raise Disagreement(f"misuse {kind}: {want.__name__} expected, but the call returned or raised otherwise")
 
@@ -472,8 +492,25 @@ class CacheMachine(RuleBasedStateMachine):
             raise _NothingToMisuse from None
         try:
             c.insert(tokens, bend(idx), torch.tensor([0]) if c.config.has("mamba") else None)
-        finally:
+        except (RefCacheError, _NothingToMisuse):
             c.free_device(idx)
+            raise
+        # (not in a `finally`: the give-back raising could pass for the refusal the rule expects)
+        raise Disagreement(f"insert took slots {bend(idx).tolist()} that are not {len(tokens)} slots of this caller")
+
+    def _free_owned(self, bend) -> None:
+        """Free `bend` applied to one page this caller owns (given back afterwards whatever happens)."""
+        c = self.cache
+        try:
+            idx = c.alloc_device(PS, evict=False)
+        except PoolExhaustedError:
+            raise _NothingToMisuse from None
+        try:
+            c.free_device(bend(idx))
+        except (RefCacheError, _NothingToMisuse):
+            c.free_device(idx)
+            raise
+        raise Disagreement(f"free_device took slots {bend(idx).tolist()} that are not whole pages of the pool")
 
     @rule(node=nodes)
     def backup(self, node):
@@ -909,6 +946,12 @@ class CacheMachine(RuleBasedStateMachine):
             self.held = []
             if self.l3_dir is not None:
                 shutil.rmtree(self.l3_dir, ignore_errors=True)
+
+
+# what a refusal must say, where its cause is unambiguous (a caller reads it to fix the call)
+MISUSE_SAYS = {"unaligned_slots": "not one aligned page", "scrambled_page": "not one aligned page",
+               "free_unaligned": "not one aligned page", "slots_past_pool": "out of range",
+               "negative_slots": "out of range", "free_past_pool": "out of range"}
 
 
 class _NothingToMisuse(Exception):
