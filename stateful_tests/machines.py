@@ -130,6 +130,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.l3_held: list = []  # page lists of other instances' writes a "slow" fault may hold
         self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
         self.failed_ops: set[int] = set()  # operations the driver failed a part of
+        self.get_faults = False  # a read fault was armed: a read may miss a page L3 holds
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
 
@@ -575,7 +576,12 @@ class CacheMachine(RuleBasedStateMachine):
         c = self.cache.config
         hashes = page_hashes(ROOT_HASH, tokens, PS)  # L3's keys; the contents come from the tokens
         # asynchronous writes: an injected fault hits this writer too (a page missing, torn, or held)
-        self.l3_writes.append(self.storage.start_put(hashes, list(pages_kv(tuple(tokens), geometry(self.cache)))))
+        write = self.storage.start_put(hashes, list(pages_kv(tuple(tokens), geometry(self.cache))))
+        self.l3_writes.append(write)
+        v = []
+        if not self.l3.put_faults:  # no write fault armed: it lands at its first poll, every page stored
+            v = [] if write.poll() and write.result() == [True] * len(hashes) and write.hit_length() == len(hashes) \
+                else [f"an unfaulted write of {len(hashes)} pages to L3 did not store them all"]
         if self.state_storage is not None:
             self.l3_writes.append(self.state_storage.start_put(
                 hashes[-1:], [spec_state(tuple(tokens), c.mamba_state_dim, c.dtype).clone()]))
@@ -585,8 +591,49 @@ class CacheMachine(RuleBasedStateMachine):
         if self.l3.put_faults:
             self.l3_held.append(pages)
         self.seeded.append(tokens)
-        self._step(f"seed_storage {tokens}", Allowed())
+        self._step(f"seed_storage {tokens}", Allowed(), lambda b, a: v)
         return tokens
+
+    @precondition(lambda self: self.seeded)
+    @rule(i=st.integers(0, 7), cancel=st.booleans())
+    def peer_read(self, i, cancel):
+        """Another instance reads a request from L3 through the backend's asynchronous API (or
+        abandons the read before it ran). Every page it gets holds that prefix's bytes; with no read
+        fault ever armed, it gets every page the model is sure of, and `hit_length` is the leading
+        run it got."""
+        tokens = self.seeded[-1 - i % len(self.seeded)]
+        pages = [tuple(tokens[:e]) for e in range(PS, len(tokens) + 1, PS)]
+        lo, hi = self.l3.bounds(pages)
+        sure = [p for p in pages if p in self.l3.sure and self.l3.bounds([p])[0]]
+        op = self.storage.start_get(page_hashes(ROOT_HASH, tokens, PS))
+        v = []
+        if cancel:
+            op.cancel()
+        elif not op.poll():  # held by a "slow" read fault: the reader waits it out
+            self.storage.faults.release()
+            v += [] if op.poll() else ["a released read is still pending"]
+        got = op.result() if op.poll() else []
+        if len(got) != len(pages):
+            v.append(f"a read of {len(pages)} pages returned {len(got)} results")
+            got = (got + [None] * len(pages))[: len(pages)]
+        if cancel:
+            v += [] if not any(x is not None for x in got) else ["a cancelled read returned pages"]
+        run = len(list(itertools.takewhile(lambda x: x is not None, got)))
+        if op.hit_length() != run:
+            v.append(f"hit_length() is {op.hit_length()}, but the leading run of pages read is {run}")
+        for p, page in zip(pages, got, strict=True):
+            if page is not None and not torch.equal(page, page_kv(p, geometry(self.cache))):
+                v.append(f"D1: L3 served {p} with bytes that are not this prefix's")
+        if not cancel and not self.get_faults:
+            v += [f"{p}: the model is sure L3 holds it, but the read missed it" for p, x in zip(pages, got, strict=True)
+                  if p in sure and x is None]
+            if not lo <= run <= hi:
+                v.append(f"read {run} leading pages; by the model L3 holds {lo} to {hi}")
+            for p, x in zip(pages, got, strict=True):
+                self.l3.read_back(p, x is not None)
+        elif not cancel:
+            self.l3.read(pages)
+        self._step(f"peer_read {tokens}{' cancelled' if cancel else ''} -> {run} pages", Allowed(), lambda b, a: v)
 
     @precondition(lambda self: self.l3_writes)
     @rule()
@@ -669,6 +716,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.put_faults = self.put_faults or op == "put"
         self.l3.put_faults = self.put_faults
         self.l3.get_tears = self.l3.get_tears or (kind, op) == ("torn", "get")
+        self.get_faults = self.get_faults or op == "get"
         self._step(f"storage_fault {kind} {op}", Allowed())
 
     @precondition(lambda self: self.l3_dir is not None and self.seeded)
