@@ -19,7 +19,9 @@ from stateful_tests.profiles import DETECT_PHASES, current
 from stateful_tests.seeded_bugs import SEEDED_BUGS
 
 CASES = {
-    "weak_hash_collides": "bytes of this prefix",  # D1 by the token prefix
+    # D1 by the token prefix, or the model's own account of L3 (keyed by prefix: a colliding key
+    # makes storage answer for pages it does not hold)
+    "weak_hash_collides": ("bytes of this prefix", "by the model L3 holds"),
     "match_forgets_recency": "not least recently used",  # the model's own recency
     "alloc_refuses_when_all_evictable_needed": "freeable",  # allocation must succeed
     "write_through_skips_passed_nodes": "due for backup",  # write-through must back up
@@ -34,4 +36,6 @@ def test_blind_spot_is_closed(bug):
     with SEEDED_BUGS[bug].patch(), pytest.raises(Exception) as info:  # noqa: B017 - any failure is a detection
         run_state_machine_as_test(MACHINES[SEEDED_BUGS[bug].machines[0]], settings=current(
             phases=DETECT_PHASES, print_blob=False, max_examples=3000))
-    assert CASES[bug] in str(info.value), f"{bug}: found by another check than expected: {str(info.value)[:300]}"
+    signs = CASES[bug] if isinstance(CASES[bug], tuple) else (CASES[bug],)
+    assert any(sign in str(info.value) for sign in signs), \
+        f"{bug}: found by another check than expected: {str(info.value)[:300]}"
