@@ -107,6 +107,13 @@ print(json.dumps({"errors": errors}))
     assert r["errors"] == [[]] * 4, r
 
 
+# For a run_fresh script holding target `t` (imports json and time): wait until the prefetch in
+# flight has its storage hit queued, so the poll that drains it does so at a known point.
+WAIT_FOR_STORAGE_HIT = """q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
+while q.qsize() == 0 and time.monotonic() < stop:
+    time.sleep(0.002)"""
+
+
 @pytest.mark.parametrize("name", ["sglang-hicache-python-storage-best-effort", "sglang-hicache-rust-storage-timeout"])
 def test_load_back_follows_its_match_without_a_poll_between(name):
     """Contract difference, found as a KeyError in `UnifiedTreeCore.node_by_id` (the lead that kept
@@ -128,9 +135,7 @@ for tokens in ([1, 2, 2, 2, 2, 2, 3, 3], [1, 2, 1, 2], [3, 3, 1, 1, 2, 2, 1, 2, 
 t.evict(8)  # the machine's evict(4): four pages
 t.insert([1, 1, 1, 1], t.alloc([1, 1, 1, 1]))
 t.prefetch_start([1, 2, 2, 2, 2, 2, 3, 3, 1, 1, 2, 2, 1, 2])
-q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
-while q.qsize() == 0 and time.monotonic() < stop:
-    time.sleep(0.002)
+{WAIT_FOR_STORAGE_HIT}
 try:
     got, error = t.load_back([3, 3, 1, 1, 2, 2, 1, 2, 1, 1]), None
 except Exception as e:
@@ -165,9 +170,7 @@ tokens = [1, 2, 1, 1, 2, 2, 2, 2, 2, 2]
 t.insert(tokens, t.alloc(tokens))
 t.evict(2)
 t.prefetch_start([1, 1, 1, 1, 1, 2, 1, 2, 2, 2])
-q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
-while q.qsize() == 0 and time.monotonic() < stop:
-    time.sleep(0.002)
+{WAIT_FOR_STORAGE_HIT}
 try:
     m, error = t.match(tokens), None
 except Exception as e:
@@ -244,9 +247,7 @@ for op, arg in calls[:-1]:
     else:
         t.prefetch_start(arg)
     t.abstract()  # the adapter learns each node's prefix from its device KV, as the machine's steps do
-q, stop = t.cache.cache_controller.prefetch_hit_queue, time.monotonic() + 5
-while q.qsize() == 0 and time.monotonic() < stop:
-    time.sleep(0.002)
+{WAIT_FOR_STORAGE_HIT}
 hit = q.qsize() > 0
 m = t.match(calls[-1][1])
 pages = t.abstract().pages

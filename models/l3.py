@@ -91,12 +91,16 @@ class L3Model:
     def bounds(self, pages: list[Prefix]) -> tuple[int, int]:
         """(at least, at most) how many leading `pages` the backend holds."""
         lo = 0
-        while lo < len(pages) and pages[lo] in self.sure and self._lru_safe(pages[lo]):
+        while lo < len(pages) and self.certain(pages[lo]):
             lo += 1
         hi = 0
         while hi < len(pages) and (pages[hi] in self.sure or pages[hi] in self.maybe):
             hi += 1
         return lo, hi
+
+    def certain(self, p: Prefix) -> bool:
+        """The backend holds `p`: sure, and too recent for its LRU to have dropped it."""
+        return p in self.sure and self._lru_safe(p)
 
     def _lru_safe(self, p: Prefix) -> bool:
         if self.capacity is None:

@@ -483,35 +483,31 @@ class CacheMachine(RuleBasedStateMachine):
             return self._step(f"misuse {kind} -> {want.__name__}", Allowed(), lambda b, a: same_data(b, a))
         raise Disagreement(f"misuse {kind}: {want.__name__} expected, but the call returned or raised otherwise")
 
-    def _insert_owned(self, tokens, n: int, bend) -> None:
-        """Insert `tokens` with `bend` applied to `n` slots this caller owns (allocated without
-        evicting, given back afterwards whatever happens)."""
+    def _misuse_owned(self, n: int, bend, call, what: str) -> None:
+        """Run `call` on `bend` of `n` slots this caller owns (allocated without evicting), which must
+        refuse them; the slots are given back when it does. Not in a `finally`: a refusal raised by the
+        give-back could pass for the one the rule expects."""
         c = self.cache
         try:
             idx = c.alloc_device(n, evict=False)
         except PoolExhaustedError:
             raise _NothingToMisuse from None
         try:
-            c.insert(tokens, bend(idx), torch.tensor([0]) if c.config.has("mamba") else None)
+            call(bend(idx))
         except (RefCacheError, _NothingToMisuse):
             c.free_device(idx)
             raise
-        # (not in a `finally`: the give-back raising could pass for the refusal the rule expects)
-        raise Disagreement(f"insert took slots {bend(idx).tolist()} that are not {len(tokens)} slots of this caller")
+        raise Disagreement(f"{what} took slots {bend(idx).tolist()} it should have refused")
+
+    def _insert_owned(self, tokens, n: int, bend) -> None:
+        """Insert `tokens` with `bend` applied to `n` slots this caller owns."""
+        c = self.cache
+        state = torch.tensor([0]) if c.config.has("mamba") else None
+        self._misuse_owned(n, bend, lambda slots: c.insert(tokens, slots, state), f"insert of {len(tokens)} tokens")
 
     def _free_owned(self, bend) -> None:
-        """Free `bend` applied to one page this caller owns (given back afterwards whatever happens)."""
-        c = self.cache
-        try:
-            idx = c.alloc_device(PS, evict=False)
-        except PoolExhaustedError:
-            raise _NothingToMisuse from None
-        try:
-            c.free_device(bend(idx))
-        except (RefCacheError, _NothingToMisuse):
-            c.free_device(idx)
-            raise
-        raise Disagreement(f"free_device took slots {bend(idx).tolist()} that are not whole pages of the pool")
+        """Free `bend` applied to one page this caller owns."""
+        self._misuse_owned(PS, bend, self.cache.free_device, "free_device")
 
     @rule(node=nodes)
     def backup(self, node):
@@ -586,7 +582,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.l3_writes.append(self.state_storage.start_put(
                 hashes[-1:], [spec_state(tuple(tokens), c.mamba_state_dim, c.dtype).clone()]))
         self.l3_writes = [w for w in self.l3_writes if not w.poll()]
-        pages = [tuple(tokens[:e]) for e in range(PS, len(tokens) + 1, PS)]
+        pages = self.model.page_prefixes(tokens)
         self.l3.write(pages)  # (uncertain once a write fault was armed: a "slow" one holds it for later)
         if self.l3.put_faults:
             self.l3_held.append(pages)
@@ -602,9 +598,9 @@ class CacheMachine(RuleBasedStateMachine):
         fault ever armed, it gets every page the model is sure of, and `hit_length` is the leading
         run it got."""
         tokens = self.seeded[-1 - i % len(self.seeded)]
-        pages = [tuple(tokens[:e]) for e in range(PS, len(tokens) + 1, PS)]
+        pages = self.model.page_prefixes(tokens)
         lo, hi = self.l3.bounds(pages)
-        sure = [p for p in pages if p in self.l3.sure and self.l3.bounds([p])[0]]
+        sure = [p for p in pages if self.l3.certain(p)]
         op = self.storage.start_get(page_hashes(ROOT_HASH, tokens, PS))
         v = []
         if cancel:
@@ -775,7 +771,7 @@ class CacheMachine(RuleBasedStateMachine):
         c = self.cache
         m = self._match(tokens)
         anchor = node_prefix(m.last_host_node)
-        pages = [tuple(tokens[:e]) for e in range(len(anchor) + PS, len(tokens) + 1, PS)]
+        pages = self.model.page_prefixes(tokens)[len(anchor) // PS:]
         lo, hi = (n * PS for n in self.l3.bounds(pages))  # what L3 holds, by the model's own account
         cap = self.ranks.view.hit_cap
         if cap is not None:  # TP: every rank fetches what all can supply
@@ -806,11 +802,10 @@ class CacheMachine(RuleBasedStateMachine):
     def _l3_tick(self, after) -> None:
         """Operations that ended no longer read or write L3 nor own L2 slots; those in flight may
         touch their pages at any step."""
-        for i in [i for i in self.l3_ops if i not in after.ops]:
-            self.l3.tick(self.l3_ops.pop(i))
+        ended = [p for i in [i for i in self.l3_ops if i not in after.ops] for p in self.l3_ops.pop(i)]
         for i in [i for i in self.staging if i not in after.ops]:
             del self.staging[i]
-        self.l3.tick(p for pages in self.l3_ops.values() for p in pages)
+        self.l3.tick(ended + [p for pages in self.l3_ops.values() for p in pages])
         for i, pages in self.l3_ops.items():
             if i in self.staging:
                 self.l3.read(pages)
