@@ -785,6 +785,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-timeout-factor", type=float, default=5.0,
                     help="a test's limit: this many times its duration in the coverage run (at least --test-timeout-min)")
     ap.add_argument("--test-timeout-min", type=float, default=15.0)
+    ap.add_argument("--recheck", action="store_true",
+                    help="with --ids: check the listed mutants again (e.g. the survivors, after new checks) and keep "
+                         "every other result of --out as it is, so the report stays complete")
     ap.add_argument("--resume", action="store_true",
                     help="keep the results already in --out (same mutant ids and lines) and check only the others")
     ap.add_argument("--stop-after", type=float, default=None, metavar="S",
@@ -837,12 +840,14 @@ def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: l
     if args.mutant:
         return _one(args, mutants, settings, root)
 
-    if args.ids is not None:
-        wanted = set(args.ids.read_text().split())
+    wanted = set(args.ids.read_text().split()) if args.ids is not None else set()
+    if args.ids is not None and not args.recheck:
         mutants = [m for m in mutants if m.id in wanted]
     chosen = sample(mutants, args.limit)
     triage = load_triage(args.triage)
-    kept, previous = _previous_results(args.out, chosen) if args.resume else ([], {})
+    kept, previous = _previous_results(args.out, chosen) if args.resume or args.recheck else ([], {})
+    if args.recheck:  # run the listed ones again; every other result stays as it was
+        kept = [r for r in kept if r["id"] not in wanted]
     done = {r["id"] for r in kept}
     chosen = [m for m in chosen if m.id not in done]
     not_run = []

@@ -64,6 +64,17 @@ DEVICE_TOKENS = 16  # L1's size
 HOST_TOKENS = 24  # L2's size: free L2 is the model's own count against it, never the allocator's
 L3_ROOM = {"memory": 256, "file": 12}  # pages each L3 backend kind keeps (the file one evicts, LRU)
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
+TOKEN_FORMS = ("list", "tuple", "int64", "int32", "iterator")
+
+
+def token_form(tokens: list[int], form: str):
+    """The same key as a caller may hand it over: a list, a tuple, a 1-D integer tensor, or any
+    iterable of ints."""
+    if form in ("int64", "int32"):
+        return torch.tensor(tokens, dtype=getattr(torch, form))
+    return {"list": list, "tuple": tuple, "iterator": iter}[form](tokens)
+
+
 tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=5).map(lambda ps: [t for p in ps for t in p])
 long_tokens_st = st.lists(st.sampled_from(PAGES), min_size=1, max_size=8).map(lambda ps: [t for p in ps for t in p])
 
@@ -216,7 +227,7 @@ class CacheMachine(RuleBasedStateMachine):
         """One allocation of a forward pass, checked against the model: it must succeed whenever
         free plus freeable space covers it, and fail without evicting when nothing could."""
         write_back = self._write_back
-        free = self._free("device_kv" if what == "alloc" else "device_state")
+        free = self._free_device() if what == "alloc" else self._free("device_state")
         try:
             got = alloc()
         except PoolExhaustedError:
@@ -310,10 +321,13 @@ class CacheMachine(RuleBasedStateMachine):
             return effects.due_selective(self.rec, pages, c.backup_after_hits, certain)
         return []
 
-    def _match(self, tokens):
+    def _match(self, tokens, form: str = "list", tail: tuple = ()):
+        """Match `tokens` (whole pages), handed to the cache as `form` with a partial page `tail`
+        appended: every form of the same key must match the same, and a partial last page is
+        never matched."""
         want = self.model.predict_match(tokens)
         free_host = self._free("host_kv")
-        m = self.cache.match_prefix(tokens)
+        m = self.cache.match_prefix(token_form(list(tokens) + list(tail), form))
         self.time += 1
         got = (m.device_len, len(node_prefix(m.last_host_node)), len(node_prefix(m.best_match_node)),
                m.host_hit_length)
@@ -337,9 +351,10 @@ class CacheMachine(RuleBasedStateMachine):
         self._step(f"match {tokens}", allowed, check)
         return m
 
-    @rule(target=nodes, tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2))
-    def match(self, tokens, extra):
-        m = self._match(tokens + [t for p in extra for t in p])
+    @rule(target=nodes, tokens=requests, extra=st.lists(st.sampled_from(PAGES), max_size=2),
+          form=st.sampled_from(TOKEN_FORMS), tail=st.sampled_from([(), (1,)]))
+    def match(self, tokens, extra, form="list", tail=()):
+        m = self._match(tokens + [t for p in extra for t in p], form, tail)
         return multiple(*{n.id: n for n in (m.best_match_node, m.last_host_node, m.last_device_node)
                           if n.parent is not None}.values())
 
@@ -472,14 +487,15 @@ class CacheMachine(RuleBasedStateMachine):
                 tokens, len(tokens), lambda i: torch.empty(len(i), dtype=i.dtype, device="meta"))),
         }
         want, call = calls[kind]
+        self._bent = None
         try:
             call()
         except _NothingToMisuse:
             return
         except want as e:
-            says = MISUSE_SAYS.get(kind)
-            if says and says not in str(e):
-                raise Disagreement(f"misuse {kind}: the error says {str(e)!r}, not {says!r}") from e
+            for says in misuse_says(kind, self._bent):
+                if says not in str(e):
+                    raise Disagreement(f"misuse {kind}: the error says {str(e)!r}, not {says!r}") from e
             return self._step(f"misuse {kind} -> {want.__name__}", Allowed(), lambda b, a: same_data(b, a))
         raise Disagreement(f"misuse {kind}: {want.__name__} expected, but the call returned or raised otherwise")
 
@@ -490,10 +506,18 @@ class CacheMachine(RuleBasedStateMachine):
         c = self.cache
         try:
             idx = c.alloc_device(n, evict=False)
-        except PoolExhaustedError:
+        except PoolExhaustedError as e:
+            b = self.model
+            swa_room = b.sidecar != "swa" or (not b.ops and self.snap.swa_capacity - PS * sum(
+                g.swa for g in b.pages.values()) >= n)
+            if self._free_device() >= n and swa_room:
+                raise Disagreement(f"alloc_device({n}, evict=False) refused with {self._free_device()} free "
+                                   f"L1 tokens: {e}") from e
+            self._step(f"alloc {n} without evicting -> PoolExhausted", Allowed(), lambda b, a: same_data(b, a))
             raise _NothingToMisuse from None
         try:
-            call(bend(idx))
+            self._bent = bend(idx)
+            call(self._bent)
         except (RefCacheError, _NothingToMisuse):
             c.free_device(idx)
             raise
@@ -508,6 +532,25 @@ class CacheMachine(RuleBasedStateMachine):
     def _free_owned(self, bend) -> None:
         """Free `bend` applied to one page this caller owns."""
         self._misuse_owned(PS, bend, self.cache.free_device, "free_device")
+
+    @rule(tokens=requests)
+    def default_cache(self, tokens):
+        """A cache built as a user builds it (no executor given) must move data without being
+        driven: a backup started on it is done at its first poll, the bytes on L2. Runs beside
+        this machine's cache, which it leaves alone."""
+        cfg = self.cache.config
+        if cfg.torch_device.type == "cuda":  # the CUDA executor completes asynchronously
+            return
+        fresh, tokens = HiCache(cfg), tokens[: 2 * PS]
+        state = fresh.alloc_mamba() if cfg.has("mamba") else None
+        fresh.insert(tokens, fresh.alloc_device(len(tokens)), state)
+        node = fresh.match_prefix(tokens).last_device_node
+        op = fresh.write_backup(node)
+        if op is None:  # write-through backed it up on insert
+            op = next(iter(fresh.ops.values()), None)
+        done = fresh.poll()
+        self._expect(op is None or (op in done and op.state == OpState.DONE and node.host_value is not None),
+                     f"a default-built cache left backup {op} {op and op.state.value} after its first poll")
 
     @rule(node=nodes)
     def backup(self, node):
@@ -531,7 +574,7 @@ class CacheMachine(RuleBasedStateMachine):
         except InvalidAnchorError as e:
             raise Disagreement(f"load_back(best_match_node) raised {e}") from e
         except PoolExhaustedError:
-            free, need, wb = self._free("device_kv"), PS * len(path), self._write_back
+            free, need, wb = self._free_device(), PS * len(path), self._write_back
 
             def must(b, a):
                 """A full-KV load-back fails only when L1 cannot be made room for its path, its own
@@ -792,6 +835,13 @@ class CacheMachine(RuleBasedStateMachine):
                        f"prefetch fetches {got} tokens; by the model L3 holds {held} tokens past the anchor and "
                        f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"])
 
+    def _free_device(self) -> int:
+        """Free L1 KV tokens by the model's own count: L1's size less the pages L1 holds and the
+        pages load-backs in flight write into (between steps the driver owns no L1 slots)."""
+        m = self.model
+        used = PS * (sum(g.dev for g in m.pages.values()) + sum(len(o.pages) for o in m.ops.values() if o.kind == "load"))
+        return DEVICE_TOKENS - used
+
     def _free_host(self) -> int:
         """Free L2 tokens by the model's own count: L2's size less the pages L2 holds, the pages
         backups in flight write into, and the slots prefetches still own."""
@@ -995,6 +1045,18 @@ class CacheMachine(RuleBasedStateMachine):
 MISUSE_SAYS = {"unaligned_slots": "not one aligned page", "scrambled_page": "not one aligned page",
                "free_unaligned": "not one aligned page", "slots_past_pool": "out of range",
                "negative_slots": "out of range", "free_past_pool": "out of range"}
+
+
+def misuse_says(kind: str, bent: torch.Tensor | None) -> list[str]:
+    """What the refusal of a misuse must say: why, and which slots. Slots that are not one aligned
+    page are named by their first such page (every page the rules bend is bad, so the first); slots
+    past the pool by the first one, with the pool's range."""
+    says = MISUSE_SAYS.get(kind)
+    if says is None or bent is None or bent.device.type == "meta":
+        return [says] if says else []
+    if says == "not one aligned page":
+        return [says, str(bent[:PS].tolist())]
+    return [says, f"slot {int(bent[0])} ", f"[0, {DEVICE_TOKENS})"]
 
 
 class _NothingToMisuse(Exception):
