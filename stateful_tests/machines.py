@@ -445,7 +445,8 @@ class CacheMachine(RuleBasedStateMachine):
                                 "huge_token", "text_tokens", "negative_evict", "negative_evict_host",
                                 "count_mismatch", "duplicate_slots", "unaligned_slots", "scrambled_page",
                                 "slots_past_pool", "negative_slots", "int32_slots", "slot_matrix", "free_unaligned",
-                                "free_past_pool", "meta_slots"]), tokens=requests)
+                                "free_past_pool", "meta_slots", "foreign_state", "two_states", "no_state"]),
+          tokens=requests)
     def misuse(self, kind, tokens):
         """A caller's mistake: the operation must raise the documented error and change nothing."""
         c, ps = self.cache, PS
@@ -485,6 +486,11 @@ class CacheMachine(RuleBasedStateMachine):
             "free_past_pool": (InvalidIndicesError, lambda: self._free_owned(lambda i: i + DEVICE_TOKENS)),
             "meta_slots": (InvalidIndicesError, lambda: self._insert_owned(
                 tokens, len(tokens), lambda i: torch.empty(len(i), dtype=i.dtype, device="meta"))),
+            # a mamba state slot the caller does not own, or not exactly one
+            "foreign_state": (InvalidIndicesError, lambda: self._insert_state(tokens, lambda mine: torch.tensor(
+                [next(iter(set(range(c.config.device_mamba_slots)) - {int(mine)}))]))),
+            "two_states": (InvalidIndicesError, lambda: self._insert_state(tokens, lambda mine: mine.repeat(2))),
+            "no_state": (InvalidIndicesError, lambda: self._insert_state(tokens, lambda mine: mine[:0])),
         }
         want, call = calls[kind]
         self._bent = None
@@ -528,6 +534,23 @@ class CacheMachine(RuleBasedStateMachine):
         c = self.cache
         state = torch.tensor([0]) if c.config.has("mamba") else None
         self._misuse_owned(n, bend, lambda slots: c.insert(tokens, slots, state), f"insert of {len(tokens)} tokens")
+
+    def _insert_state(self, tokens, bend) -> None:
+        """Insert `tokens` on owned L1 slots with `bend` applied to a mamba slot this caller owns
+        (allocated without evicting; given back after the refusal)."""
+        c = self.cache
+        if not c.config.has("mamba"):
+            raise _NothingToMisuse
+        try:
+            mine = c.alloc_mamba(evict=False)
+        except PoolExhaustedError:
+            raise _NothingToMisuse from None
+        try:
+            self._misuse_owned(len(tokens), lambda i: i, lambda slots: c.insert(tokens, slots, bend(mine)),
+                               f"insert with mamba slot {bend(mine).tolist()}")
+        except (RefCacheError, _NothingToMisuse):  # refused (or nothing to misuse): the slot is still ours
+            c.free_mamba(mine)
+            raise
 
     def _free_owned(self, bend) -> None:
         """Free `bend` applied to one page this caller owns."""
