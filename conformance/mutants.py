@@ -184,9 +184,12 @@ def run_seed(seed_id: int, budget_s: float = 120, seed: int = 0, shrink_s: float
     finding = "\n".join(ln for ln in head.splitlines()[1:] if not re.match(r"\s+\d+: ", ln)).strip()
     lines = finding.splitlines()
     check = (lines[0] + (" " + lines[1].strip() if len(lines) > 1 and lines[0].endswith(":") else "")) if lines else None
-    return {"seed": seed_id, "target": s.target, "caught": r["violations"] == 1 and any(x in finding for x in s.signs),
-            "seconds": r.get("elapsed_s"), "operations": int(m.group(1)) if m else None,
-            "check": check[:300] if check else None, "steps": r["steps"]}
+    out = {"seed": seed_id, "target": s.target, "caught": r["violations"] == 1 and any(x in finding for x in s.signs),
+           "seconds": r.get("elapsed_s"), "operations": int(m.group(1)) if m else None,
+           "check": check[:300] if check else None, "steps": r["steps"]}
+    if s.unobservable:  # run all the same: a failure would contradict the reason given
+        out["unobservable"] = s.unobservable
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

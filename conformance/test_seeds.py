@@ -11,7 +11,7 @@ from conformance.targets.sglang.seeds import SEEDS
 from conformance.test_hicache import run_fresh
 
 pytestmark = pytest.mark.conformance
-REVERTED = [s.id for s in SEEDS.values() if s.patch is not None]
+REVERTED = [s.id for s in SEEDS.values() if s.patch is not None and not s.unobservable]
 
 
 @pytest.mark.parametrize("seed_id", REVERTED)
@@ -33,3 +33,59 @@ print(json.dumps({{"clean": replay_seed({seed_id}, False), "reverted": replay_se
 def test_every_seed_is_listed():
     assert set(SEEDS) == {27366, 26945, 23427, 25088, 23696}
     assert all(s.where for s in SEEDS.values() if s.patch is None)
+    assert all(s.patch is not None and not s.calls for s in SEEDS.values() if s.unobservable)
+
+
+def test_23427_moved_transfers_are_never_read_again():
+    """#23427 is reverted (`seed_23427`: the move writes its result back into the operation's own
+    PoolTransfers) but not caught, on any device: 0.5.23 commits a backup or load-back onto its nodes
+    from those transfers when the operation is queued, cloning the indices, before start_writing /
+    start_loading moves them, and nothing reads the transfers after the move. Kept here, on the mamba
+    targets under write-through and write-back, over backups, evictions, load-backs and L2 eviction:
+    the sequence runs clean with the seed reverted ("seed"), and with the fixed move followed by
+    out-of-range indices in the operation's transfers ("rebound": a reader after the move would meet
+    them, whatever the kernel IO backend would have put there); writing into the tensors themselves,
+    which the transfers share with the nodes ("in_place"), fails D1 at once, so the sequence does see
+    a node's state polluted when it is."""
+    why = runner.unavailable_reason("sglang-hicache-mamba")
+    if why:
+        pytest.skip(why)
+    r = run_fresh("""
+import contextlib, json
+from unittest import mock
+from conformance.machine import replay
+from conformance.runner import machine
+from conformance.targets.sglang.seeds import _load, seed_23427
+_load()
+from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController as H
+calls = [("insert", [1, 1, 1]), ("insert", [1, 1, 1, 2, 2]), ("insert", [3] * 8), ("evict", 100),
+         ("load_back", [1, 1, 1, 2, 2]), ("insert", [4] * 12), ("insert", [5] * 12), ("evict", 100),
+         ("load_back", [1, 1, 1])]
+out = {}
+for target in ("sglang-hicache-mamba", "sglang-hicache-mamba-write-back"):
+    for mode in ("seed", "rebound", "in_place"):
+        with seed_23427() if mode == "seed" else contextlib.nullcontext():
+            inner, n = H.move_hybrid_indices, {"writes": 0, "loads": 0}
+
+            def move(self, op, **k):
+                moved = inner(self, op, **k)
+                n["loads" if any(o is op for o in self.load_queue) else "writes"] += 1
+                for t in op.pool_transfers or ():
+                    for f in ("host_indices", "device_indices"):
+                        v = getattr(t, f)
+                        if v is not None and mode == "rebound":
+                            setattr(t, f, v + 10**6)
+                        elif v is not None and mode == "in_place":
+                            v.zero_()
+                return moved
+
+            with mock.patch.object(H, "move_hybrid_indices", move):
+                err = replay(machine(target), calls)
+        out[f"{target} {mode}"] = {"error": None if err is None else str(err), **n}
+print(json.dumps(out))
+""")
+    for target in ("sglang-hicache-mamba", "sglang-hicache-mamba-write-back"):
+        for mode in ("seed", "rebound"):
+            got = r[f"{target} {mode}"]
+            assert got["error"] is None and got["writes"] >= 4 and got["loads"] >= 1, (target, mode, got)
+        assert "D1: node" in (r[f"{target} in_place"]["error"] or ""), r[f"{target} in_place"]

@@ -4,6 +4,7 @@ Each seed is a context manager that monkeypatches the smallest change bringing t
 back, written from the fix's description (not from its code), plus the target it is caught on and
 the minimized operations that catch it (kept as a replay test in test_seeds.py). Where the seed's
 code path no longer exists in 0.5.23, the nearest equivalent is patched, and the docstring says so.
+A seed that is reverted but that no path of 0.5.23 we drive can show says why in `unobservable`.
 
     python -m conformance.mutants --seeds [--budget S]
 """
@@ -29,6 +30,9 @@ class Seed:
     signs: tuple[str, ...]  # what the minimized failure shows (any one of them)
     calls: tuple = ()  # the minimized operations that catch it (a replay)
     where: str = ""  # how the pre-fix logic maps onto 0.5.23's code
+    # Reverted, but no 0.5.23 path that our targets drive can show it (why, and what was checked);
+    # such a seed has no replay, and test_seeds.py keeps the evidence instead.
+    unobservable: str = ""
 
 
 def _load() -> None:
@@ -143,6 +147,31 @@ def seed_23696() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def seed_23427() -> Iterator[None]:
+    """#23427 "Prevent move_hybrid_indices from polluting radix-tree node host state": moving an L2
+    operation's indices for the copy (to the GPU for the kernel IO backend, sorted for the layer-first
+    direct layout) wrote the moved indices back into the operation's own `PoolTransfer`s, objects
+    the caller may still hold; the fix hands the copy fresh transfers and leaves the caller's alone.
+    The revert runs 0.5.23's move and then stores its result in the operation's transfers, which it
+    returns in place of the fresh ones (the KV-sharded path, newer than the fix, is left as it is)."""
+    _load()
+    from sglang.srt.mem_cache.hybrid_cache.hybrid_cache_controller import HybridCacheController
+
+    orig = HybridCacheController.move_hybrid_indices
+
+    def move(self, operation, *, write_back_jit=False):
+        host, device, moved = orig(self, operation, write_back_jit=write_back_jit)
+        if self.is_kv_sharded or not moved:
+            return host, device, moved
+        for own, new in zip(operation.pool_transfers, moved, strict=True):
+            own.host_indices, own.device_indices = new.host_indices, new.device_indices
+        return host, device, operation.pool_transfers
+
+    with mock.patch.object(HybridCacheController, "move_hybrid_indices", move):
+        yield
+
+
 SEEDS: dict[int, Seed] = {
     25088: Seed(25088, "HiCache load-back anchored at last_host_node instead of best_match_node",
                 "sglang-hicache-mamba", seed_25088,
@@ -166,10 +195,23 @@ SEEDS: dict[int, Seed] = {
                 where="HybridCacheController.allocate_storage_hit (allow_partial) in 0.5.23; FULL-only target: "
                       "the truncation is no longer mamba-specific"),
     23427: Seed(23427, "move_hybrid_indices rewrites the tree's PoolTransfer indices in place",
-                "sglang-hicache-mamba", None, (),
-                where="HybridCacheController.move_hybrid_indices in 0.5.23; on the CPU the moved indices "
-                      "equal the originals (direct IO, page-first-direct), so the pollution is invisible: "
-                      "it needs the GPU with io_backend=kernel"),
+                "sglang-hicache-mamba", seed_23427, (),
+                where="HybridCacheController.move_hybrid_indices in 0.5.23 (start_writing / start_loading "
+                      "move the queued operation's indices just before the copy)",
+                unobservable="0.5.23 commits a backup or load-back onto its nodes when the operation is "
+                             "queued (_execute_and_commit_kv_backup: write(flush=False), then commit_backup; "
+                             "_load_back_transfers: load(), then commit_load_back), copying each component's "
+                             "indices (.clone()), before start_writing / start_loading moves them; the "
+                             "operation's PoolTransfers are built per operation (build_hicache_transfers "
+                             "makes new ones, a merge of several makes new ones) and the tree never reads "
+                             "them after the move. Rebinding their fields therefore changes nothing a node "
+                             "holds, on any device and IO backend (the kernel backend's CUDA indices "
+                             "included). Shown by test_seeds.py: with the moved transfers' indices "
+                             "overwritten by out-of-range values the mamba targets still run clean, while "
+                             "zeroing the tensors they share with nodes is caught at once. The one "
+                             "0.5.23 caller that keeps a moved operation's PoolTransfers is the PD decode "
+                             "side's DecodeKVCacheOffloadManager (write with flush=True, then write_storage "
+                             "and free from transfer.host_indices), no radix tree and not a target here"),
     23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
                 "sglang-hicache-python-write-back-storage-small-l2", seed_23696, ("R1: host pool", "KeyError"),
                 calls=(("insert", [1, 1, 2, 2]), ("insert", [1, 1, 2, 2, 3, 3, 4, 4]),
@@ -197,6 +239,8 @@ def replay_seed(seed_id: int, patched: bool, calls: list | None = None) -> str |
     s = SEEDS[seed_id]
     if s.patch is None:
         raise ValueError(f"seed {seed_id} is not reverted yet: {s.where}")
+    if s.unobservable and calls is None:
+        raise ValueError(f"seed {seed_id} has no replay: {s.unobservable}")
     ctx = s.patch() if patched else contextlib.nullcontext()
     with ctx:
         err = replay(machine(s.target), [tuple(c) for c in (calls if calls is not None else s.calls)])
