@@ -390,8 +390,9 @@ class FileStorage(StorageBackend):
             raise StorageIOError(f"reading {self.path(h)}: {e}") from e
 
     def _write(self, h: int, record: bytes) -> object:
-        fd, tmp = tempfile.mkstemp(prefix=self.TMP_PREFIX, dir=self.directory)
-        try:
+        tmp = None
+        try:  # creating the temp file fails too when the directory is gone or full
+            fd, tmp = tempfile.mkstemp(prefix=self.TMP_PREFIX, dir=self.directory)
             with os.fdopen(fd, "wb") as f:
                 f.write(record)
                 if self.fsync:
@@ -399,7 +400,7 @@ class FileStorage(StorageBackend):
                     os.fsync(f.fileno())
             os.replace(tmp, self.path(h))
         except OSError as e:
-            if os.path.exists(tmp):
+            if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
             raise StorageIOError(f"writing {self.path(h)}: {e}") from e
         return None

@@ -18,6 +18,7 @@ meets (`MACHINES`); the device comes from REFCACHE_DEVICE, so gpu_tests can run 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -50,6 +51,7 @@ from refcache import (
     UnknownNodeError,
     UnknownOperationError,
 )
+from refcache.errors import StorageError
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import MemoryStorage
@@ -64,6 +66,10 @@ DEVICE_TOKENS = 16  # L1's size
 HOST_TOKENS = 24  # L2's size: free L2 is the model's own count against it, never the allocator's
 L3_ROOM = {"memory": 256, "file": 12}  # pages each L3 backend kind keeps (the file one evicts, LRU)
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
+STORAGE_MISUSES = ("hash_negative", "hash_2_64", "hash_float", "page_bigger", "page_smaller", "page_dtype",
+                   "page_list", "pairs_more", "pairs_fewer", "hash_zero", "hash_top")
+
+
 TOKEN_FORMS = ("list", "tuple", "int64", "int32", "iterator")
 
 
@@ -812,6 +818,54 @@ class CacheMachine(RuleBasedStateMachine):
         self.put_faults = True  # L3 now loses pages behind the cache's back
         self._step(f"storage_forged_record {kind} {tokens} page {i} r={r}", Allowed())
 
+    @rule(kind=st.sampled_from(STORAGE_MISUSES), call=st.sampled_from(["get", "put", "start_get", "start_put"]))
+    def storage_misuse(self, kind, call):
+        """A backend's caller's mistakes (a hash outside [0, 2**64) or not an int, a page of another
+        shape or dtype or not a tensor, hashes and pages that do not pair up) must be refused with
+        StorageError at the call, changing nothing; the extreme valid hashes must round-trip. On a
+        scratch backend of this machine's page shape, so the model's account of L3 is untouched."""
+        shape, dtype = self.storage.page_shape, self.storage.dtype
+        scratch = MemoryStorage(4, shape, dtype)
+        kept = torch.arange(math.prod(shape)).reshape(shape).to(dtype)
+        scratch.put(5, kept)
+        if kind in ("hash_zero", "hash_top"):
+            h = 0 if kind == "hash_zero" else 2**64 - 1
+            page = kept + 1
+            if call in ("put", "start_put"):
+                ok = scratch.put(h, page) if call == "put" else _finish(scratch.start_put([h], [page])) == [True]
+            else:
+                scratch.put(h, page)
+                ok = True
+            got = scratch.get(h) if call in ("get", "put") else _finish(scratch.start_get([h]))[0]
+            self._expect(ok and got is not None and torch.equal(got, page),
+                         f"storage {call} of valid hash {h:#x}: stored={ok}, read back {got}")
+            return
+        bad_hash = {"hash_negative": -1, "hash_2_64": 2**64, "hash_float": 5.0}.get(kind, 6)
+        bad_page = {"page_bigger": lambda: torch.zeros((*shape[:-1], shape[-1] + 1), dtype=dtype),
+                    "page_smaller": lambda: torch.zeros((*shape[:-1], shape[-1] - 1), dtype=dtype)
+                    if shape[-1] > 1 else torch.zeros((*shape, 2), dtype=dtype),
+                    "page_dtype": lambda: torch.zeros(shape, dtype=torch.float32 if dtype != torch.float32
+                                                      else torch.float16),
+                    "page_list": lambda: kept.tolist()}.get(kind, lambda: kept + 1)()
+        if call in ("get", "start_get") and kind.startswith("page") or kind.startswith("pairs") and call != "start_put":
+            return
+        try:
+            if call == "get":
+                scratch.get(bad_hash)
+            elif call == "start_get":
+                scratch.start_get([6, bad_hash])
+            elif call == "put":
+                scratch.put(bad_hash, bad_page)
+            else:
+                hashes = {"pairs_more": [6, 7], "pairs_fewer": []}.get(kind, [bad_hash])
+                scratch.start_put(hashes, [bad_page])
+        except StorageError:
+            pass
+        else:
+            raise Disagreement(f"storage {call} took a caller's mistake ({kind}) without StorageError")
+        self._expect(len(scratch) == 1 and 5 in scratch and torch.equal(scratch.get(5), kept),
+                     f"storage {call} refusing {kind} changed what the backend holds")
+
     @rule(tokens=requests, k=st.integers(0, 7))
     def storage_hole(self, tokens, k):
         """Storage lost one page of a prefix (evicted or deleted elsewhere): later pages stay, so a
@@ -1080,6 +1134,13 @@ def misuse_says(kind: str, bent: torch.Tensor | None) -> list[str]:
     if says == "not one aligned page":
         return [says, str(bent[:PS].tolist())]
     return [says, f"slot {int(bent[0])} ", f"[0, {DEVICE_TOKENS})"]
+
+
+def _finish(op) -> list:
+    """Drive a storage op to its end (no fault is armed on a scratch backend) and return its result."""
+    while not op.poll():
+        pass
+    return op.result()
 
 
 class _NothingToMisuse(Exception):

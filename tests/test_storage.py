@@ -400,3 +400,21 @@ def test_matches_an_lru_model(ops, capacity, backend):
                 model.pop(h, None)
             assert list(store._index) == list(model) and store.exists(hs) == next(
                 (k for k, x in enumerate(hs) if x not in model), len(hs))
+
+
+def test_file_write_into_a_vanished_directory_is_a_storage_io_error():
+    """Found by mutation triage: creating the temp file was outside the error handling, so a
+    directory removed (or full) under the backend raised a raw FileNotFoundError that escaped
+    StorageOp.poll. It must be StorageIOError, in a put and as a failed page of an op."""
+    import shutil
+
+    d = tempfile.mkdtemp(prefix="refcache-vanish-")
+    s = FileStorage(d, (2, 3), torch.float16, fsync=False)
+    page = torch.ones(2, 3, dtype=torch.float16)
+    assert s.put(1, page)
+    shutil.rmtree(d)
+    with pytest.raises(StorageIOError):
+        s.put(2, page)
+    assert 2 not in s
+    op = s.start_put([3], [page])
+    assert op.poll() and op.result() == [False] and op.failed
