@@ -147,6 +147,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.l3_held: list = []  # page lists of other instances' writes a "slow" fault may hold
         self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
         self.failed_ops: set[int] = set()  # operations the driver failed a part of
+        self.settled: list[tuple[int, str]] = []  # (op id, part) the driver completed or failed
         self.get_faults = False  # a read fault was armed: a read may miss a page L3 holds
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
@@ -451,7 +452,8 @@ class CacheMachine(RuleBasedStateMachine):
                                 "huge_token", "text_tokens", "negative_evict", "negative_evict_host",
                                 "count_mismatch", "duplicate_slots", "unaligned_slots", "scrambled_page",
                                 "slots_past_pool", "negative_slots", "int32_slots", "slot_matrix", "free_unaligned",
-                                "free_past_pool", "meta_slots", "foreign_state", "two_states", "no_state"]),
+                                "free_past_pool", "meta_slots", "foreign_state", "two_states", "no_state",
+                                "stuttered_page", "gapped_page", "page_below_zero", "giant_slots", "scalar_state"]),
           tokens=requests)
     def misuse(self, kind, tokens):
         """A caller's mistake: the operation must raise the documented error and change nothing."""
@@ -490,6 +492,14 @@ class CacheMachine(RuleBasedStateMachine):
             "slot_matrix": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i.view(-1, ps))),
             "free_unaligned": (InvalidIndicesError, lambda: self._free_owned(lambda i: i + 1)),
             "free_past_pool": (InvalidIndicesError, lambda: self._free_owned(lambda i: i + DEVICE_TOKENS)),
+            "stuttered_page": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: i.view(-1, ps)[:, :1].expand(-1, ps).reshape(-1))),
+            "gapped_page": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: (i.view(-1, ps)[:, :1] + 2 * torch.arange(ps, device=i.device)).reshape(-1))),
+            "page_below_zero": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: torch.cat([torch.arange(-ps, 0, dtype=i.dtype, device=i.device), i[ps:]]))),
+            "giant_slots": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i + 2**62)),
+            "scalar_state": (InvalidIndicesError, lambda: self._insert_state(tokens, lambda mine: mine.view(()))),
             "meta_slots": (InvalidIndicesError, lambda: self._insert_owned(
                 tokens, len(tokens), lambda i: torch.empty(len(i), dtype=i.dtype, device="meta"))),
             # a mamba state slot the caller does not own, or not exactly one
@@ -866,6 +876,42 @@ class CacheMachine(RuleBasedStateMachine):
         self._expect(len(scratch) == 1 and 5 in scratch and torch.equal(scratch.get(5), kept),
                      f"storage {call} refusing {kind} changed what the backend holds")
 
+    @rule(kind=st.sampled_from(["capacity_negative", "shape_empty", "shape_zero", "shape_negative", "capacity_zero",
+                                "capacity_one", "unbounded_file", "unit_dimension"]))
+    def storage_construct(self, kind):
+        """Backends as a user builds them: impossible capacities and shapes are refused with
+        StorageError; capacity 0 stores nothing, capacity 1 keeps the newest page, a file backend
+        without a bound and a page with a dimension of 1 round-trip. Scratch backends only."""
+        dtype = self.storage.dtype
+        bad = {"capacity_negative": (-1, (2, 4)), "shape_empty": (4, ()), "shape_zero": (4, (0, 4)),
+               "shape_negative": (4, (-1, 4))}
+        if kind in bad:
+            cap, shape = bad[kind]
+            try:
+                MemoryStorage(cap, shape, dtype)
+            except StorageError:
+                return
+            raise Disagreement(f"a backend of capacity {cap} and page shape {shape} was built")
+        shape = (1, 4) if kind == "unit_dimension" else (2, 4)
+        pages = [torch.full(shape, float(v), dtype=dtype) for v in (1, 2)]
+        if kind == "unbounded_file":
+            d = tempfile.mkdtemp(prefix="refcache-l3-unbounded-")
+            try:
+                st_ = l3_records.CheckedFileStorage(d, shape, dtype, capacity_pages=None, fsync=False)
+                stored = [st_.put(h, p) for h, p in enumerate(pages)]
+                got, held = [st_.get(h) for h in range(2)], len(st_)
+            finally:
+                shutil.rmtree(d, ignore_errors=True)
+        else:
+            st_ = MemoryStorage({"capacity_zero": 0, "capacity_one": 1}.get(kind, 4), shape, dtype)
+            stored = [st_.put(h, p) for h, p in enumerate(pages)]
+            got, held = [st_.get(h) for h in range(2)], len(st_)
+        want_stored, want_got = {"capacity_zero": ([False, False], [None, None]),
+                                 "capacity_one": ([True, True], [None, pages[1]])}.get(kind, ([True, True], pages))
+        same = all((g is None) == (w is None) and (g is None or torch.equal(g, w)) for g, w in zip(got, want_got, strict=True))
+        self._expect(stored == want_stored and same and held == sum(w is not None for w in want_got),
+                     f"storage {kind}: stored {stored}, read back {got}, holds {held} pages")
+
     @rule(tokens=requests, k=st.integers(0, 7))
     def storage_hole(self, tokens, k):
         """Storage lost one page of a prefix (evicted or deleted elsewhere): later pages stay, so a
@@ -1005,9 +1051,31 @@ class CacheMachine(RuleBasedStateMachine):
         parts = ex.pending_parts()
         op_id, part = parts[i % len(parts)]
         (ex.fail if fail else ex.complete)(op_id, part)
+        self.settled.append((op_id, part))
         if fail:
             self.failed_ops.add(op_id)
         self._step(f"{'fail' if fail else 'complete'} op {op_id} {part}", Allowed())
+
+    @precondition(lambda self: self.settled)
+    @rule(i=st.integers(0, 7), how=st.sampled_from(["complete", "fail", "unknown_part", "unknown_op"]))
+    def finish_settled(self, i, how):
+        """The executor's driver contract: completing or failing a part that is no longer pending, a
+        part the op does not have, or an op that does not exist raises KeyError and changes nothing."""
+        ex = self.cache.executor
+        op_id, part = self.settled[i % len(self.settled)]
+        if how == "unknown_op":
+            op_id = 10**9
+        elif how == "unknown_part":
+            part = "no-such-part"
+        elif not ex.status(op_id):  # forgotten since: nothing to ask about
+            return
+        before = ex.status(op_id)
+        try:
+            (ex.fail if how == "fail" else ex.complete)(op_id, part)
+        except KeyError:
+            self._expect(ex.status(op_id) == before, f"a refused {how} of op {op_id} {part} changed its parts")
+            return self._step(f"{how} settled op {op_id} {part} -> KeyError", Allowed(), lambda b, a: same_data(b, a))
+        raise Disagreement(f"executor took {how} of op {op_id} part {part}, which is not pending")
 
     @precondition(lambda self: self.cache.executor.pending_parts())
     @rule(i=st.integers(0, 7))
@@ -1026,8 +1094,11 @@ class CacheMachine(RuleBasedStateMachine):
     def finish_op(self, i):
         ex = self.cache.executor
         ids = sorted({op_id for op_id, _ in ex.pending_parts()})
-        ex.complete(ids[i % len(ids)])
-        self._step(f"complete op {ids[i % len(ids)]}", Allowed())
+        op_id = ids[i % len(ids)]
+        ex.complete(op_id)
+        self._expect(all(o != op_id for o, _ in ex.pending_parts()), f"complete(op {op_id}) left parts pending")
+        self.settled += [(op_id, p) for p in ex.status(op_id)]
+        self._step(f"complete op {op_id}", Allowed())
 
     @precondition(lambda self: self.cache.ops)
     @rule()
@@ -1120,8 +1191,10 @@ class CacheMachine(RuleBasedStateMachine):
 
 # what a refusal must say, where its cause is unambiguous (a caller reads it to fix the call)
 MISUSE_SAYS = {"unaligned_slots": "not one aligned page", "scrambled_page": "not one aligned page",
-               "free_unaligned": "not one aligned page", "slots_past_pool": "out of range",
-               "negative_slots": "out of range", "free_past_pool": "out of range"}
+               "free_unaligned": "not one aligned page", "stuttered_page": "not one aligned page",
+               "gapped_page": "not one aligned page", "slots_past_pool": "out of range",
+               "negative_slots": "out of range", "free_past_pool": "out of range", "page_below_zero": "out of range",
+               "giant_slots": "out of range"}
 
 
 def misuse_says(kind: str, bent: torch.Tensor | None) -> list[str]:
