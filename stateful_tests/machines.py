@@ -51,10 +51,10 @@ from refcache import (
     UnknownNodeError,
     UnknownOperationError,
 )
-from refcache.errors import StorageError
+from refcache.errors import StorageError, StorageIOError
 from refcache.invariants import check_all
 from refcache.pages import ROOT_HASH, page_hashes
-from refcache.storage import MemoryStorage
+from refcache.storage import FileStorage, MemoryStorage
 from refcache.transfer import PartStatus
 
 from . import l3_records
@@ -66,6 +66,10 @@ DEVICE_TOKENS = 16  # L1's size
 HOST_TOKENS = 24  # L2's size: free L2 is the model's own count against it, never the allocator's
 L3_ROOM = {"memory": 256, "file": 12}  # pages each L3 backend kind keeps (the file one evicts, LRU)
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
+# planted in an L3 directory before a restart: a temp file a crashed writer left, then names that
+# are not page files (no suffix, short or long hex stems, not hex)
+STRAY_L3_FILES = (".tmp-crashed", "deadbeefdeadbeef", "abc.page", "0123456789abcdef0.page", "notes.page")
+STRAY_L3_HASHES = (0xDEADBEEFDEADBEEF, 0xABC, 0x0123456789ABCDEF0)
 STORAGE_MISUSES = ("hash_negative", "hash_2_64", "hash_float", "page_bigger", "page_smaller", "page_dtype",
                    "page_list", "pairs_more", "pairs_fewer", "hash_zero", "hash_top")
 
@@ -161,11 +165,11 @@ class CacheMachine(RuleBasedStateMachine):
         for few pages, so L3's own LRU eviction happens too; every read of a file is judged against
         the record format (l3_records.CheckedFileStorage: an intact record of the page must be
         served, anything else must be a miss)."""
+        lru = "".join(["l", "r", "u"])  # as a config file or command line hands it over: not the literal
         if self.l3_dir is None:
-            return MemoryStorage(L3_ROOM["memory"], page_shape, dtype)
+            return MemoryStorage(L3_ROOM["memory"], page_shape, dtype, policy=lru)
         return l3_records.CheckedFileStorage(os.path.join(self.l3_dir, name), page_shape, dtype,
-                                             capacity_pages=L3_ROOM["file"],
-                                             fsync=False)
+                                             capacity_pages=L3_ROOM["file"], policy=lru, fsync=False)
 
     # ------------------------------------------------------------------ lockstep helper
     def _step(self, what: str, allowed: Allowed, check=None) -> None:
@@ -736,7 +740,20 @@ class CacheMachine(RuleBasedStateMachine):
         from the files (reads in flight keep the old handle, which sees the same files)."""
         self._land_writes()
         cfg = self.cache.config
+        kv_dir = self.storage.directory
+        for name in STRAY_L3_FILES:  # a crashed writer's temp file and files that are not pages
+            with open(os.path.join(kv_dir, name), "wb") as f:
+                f.write(b"not a page")
+        pages = [n for n in os.listdir(kv_dir) if len(n) == 21 and n.endswith(".page")
+                 and all(ch in "0123456789abcdef" for ch in n[:16])]
         self.storage = self.cache.storage = self._open_storage("kv", self.storage.page_shape, cfg.dtype)
+        left = set(os.listdir(kv_dir))
+        self._expect(not any(n.startswith(".tmp-") for n in left), "reopen left a crashed writer's temp file")
+        self._expect(all(n in left for n in STRAY_L3_FILES[1:]), "reopen removed files that are not its pages")
+        self._expect(len(self.storage) == min(len(pages), L3_ROOM["file"]) and not any(
+            h in self.storage for h in STRAY_L3_HASHES),
+                     f"reopen indexed {len(self.storage)} pages from {len(pages)} page files (room "
+                     f"{L3_ROOM['file']}), or a file that is not a page")
         if self.state_storage is not None:
             self.state_storage = self.cache.state_storage = self._open_storage(
                 "state", (cfg.mamba_state_dim,), cfg.dtype)
@@ -911,6 +928,69 @@ class CacheMachine(RuleBasedStateMachine):
         same = all((g is None) == (w is None) and (g is None or torch.equal(g, w)) for g, w in zip(got, want_got, strict=True))
         self._expect(stored == want_stored and same and held == sum(w is not None for w in want_got),
                      f"storage {kind}: stored {stored}, read back {got}, holds {held} pages")
+
+    @rule()
+    def alloc_nothing(self):
+        """alloc_device(0) is a valid request (0 is a whole number of pages): an empty int64 index
+        tensor on the pool's index device, nothing evicted or taken."""
+        c = self.cache
+        idx = c.alloc_device(0)
+        self._expect(idx.numel() == 0 and idx.dtype == torch.int64
+                     and idx.device == c.device_kv.allocator.index_device, f"alloc_device(0) gave {idx!r}")
+        self._step("alloc_device(0)", Allowed(), lambda b, a: same_data(b, a))
+
+    @rule(kind=st.sampled_from(["unreadable", "vanished", "blocked", "fifo", "write_failed", "write_cancelled"]))
+    def storage_trouble(self, kind):
+        """A file backend under real OS trouble, and the results a backend owes its callers, on a
+        scratch backend: a page file that cannot be read is a StorageIOError, a page file that
+        vanished is a miss that drops it, a write blocked by the file system is a StorageIOError
+        that leaves no temp file and stores nothing; FIFO eviction ignores reads; a write that
+        failed or was cancelled reports False for every page it did not store."""
+        dtype, shape = self.storage.dtype, (2, 4)
+        a, b = torch.ones(shape, dtype=dtype), torch.full(shape, 2.0, dtype=dtype)
+        d = tempfile.mkdtemp(prefix="refcache-l3-trouble-")
+        try:
+            fs = FileStorage(d, shape, dtype, capacity_pages=2, policy="fifo" if kind == "fifo" else "lru", fsync=False)
+            fs.put(1, a)
+            if kind == "unreadable":  # a symbolic link to itself: open() fails with ELOOP, even for root
+                os.unlink(fs.path(1))
+                os.symlink(fs.path(1), fs.path(1))
+                try:
+                    fs.get(1)
+                except StorageIOError:
+                    return
+                raise Disagreement("reading an unreadable page file did not raise StorageIOError")
+            if kind == "vanished":
+                os.unlink(fs.path(1))
+                self._expect(fs.get(1) is None and 1 not in fs, "a page file that vanished is not a miss that drops it")
+            elif kind == "blocked":  # a directory where the page's file must go
+                os.mkdir(fs.path(2))
+                try:
+                    fs.put(2, b)
+                    raise Disagreement("a write blocked by the file system did not raise StorageIOError")
+                except StorageIOError:
+                    pass
+                self._expect(2 not in fs and not any(n.startswith(".tmp-") for n in os.listdir(d)),
+                             "a blocked write stored its page or left its temp file")
+            elif kind == "fifo":  # put 1, put 2, read 1, put 3: FIFO drops 1 all the same
+                fs.put(2, b)
+                fs.get(1)
+                fs.put(3, a)
+                self._expect(1 not in fs and 2 in fs and 3 in fs, f"FIFO kept {sorted(fs._index)}")
+            else:
+                if kind == "write_failed":
+                    fs.faults.inject("io_error", "put", h=2)
+                else:
+                    fs.faults.inject("slow", "put", h=2)
+                op = fs.start_put([2], [b])
+                if kind == "write_cancelled":
+                    op.cancel()
+                    fs.faults.release()
+                got = _finish(op)
+                self._expect(got == [False] and op.hit_length() == 0 and op.failed is (kind == "write_failed")
+                             and 2 not in fs, f"a {kind.replace('_', ' ')} reported {got}, failed={op.failed}")
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
 
     @rule(tokens=requests, k=st.integers(0, 7))
     def storage_hole(self, tokens, k):
