@@ -135,6 +135,12 @@ class CacheMachine(RuleBasedStateMachine):
         self.ranks = PeerRanks()  # a simulated second TP rank whose local view rules may change
         self.cache = HiCache(cfg, executor=DeterministicExecutor(copy_device=cfg.device),
                              storage=self.storage, state_storage=self.state_storage, ranks=self.ranks)
+        layouts = {"L1": (tuple(self.cache.device_kv.data.shape),
+                          (cfg.num_layers, 2, DEVICE_TOKENS, cfg.num_heads, cfg.head_dim)),
+                   "L2": (tuple(self.cache.host_kv.data.shape),
+                          (HOST_TOKENS // PS, cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim))}
+        for tier, (got, want) in layouts.items():  # the documented layouts: layer-first L1, page-first L2
+            self._expect(got == want, f"{tier} KV is laid out as {got}, the design says {want}")
         self.held: list = []  # nodes this driver holds a caller lock on (as lock() returned them)
         self.prefetching: dict[str, tuple] = {}  # request id -> (operation, anchor prefix, key, deadline)
         self._rids = itertools.count()
