@@ -89,3 +89,29 @@ print(json.dumps(out))
             got = r[f"{target} {mode}"]
             assert got["error"] is None and got["writes"] >= 4 and got["loads"] >= 1, (target, mode, got)
         assert "D1: node" in (r[f"{target} in_place"]["error"] or ""), r[f"{target} in_place"]
+
+
+def test_23427_decode_offload_stores_swa_pages_under_the_wrong_keys():
+    """Where the moved transfers *are* read again: the PD decode side's DecodeKVCacheOffloadManager
+    (decode_offload.py) writes with flush=True, so the move runs inside write(), and then backs the
+    SWA sidecar up to L3 from its own PoolTransfer's host_indices. With the seed reverted those are
+    the moved ones, sorted by the layer-first direct move, while the page keys stay in token order: a
+    second request whose SWA host slots wrap around the free list ([12..17, 0, 1]) lands in L3 with
+    every SWA page under another page's key; its KV pages (the anchor's indices, returned apart from
+    the move) stay right, and clean 0.5.23 stores every page under its own key."""
+    why = runner.unavailable_reason("sglang-hicache-mamba")
+    if why:
+        pytest.skip(why)
+    r = run_fresh("""
+import json
+from conformance.targets.sglang.decode_offload import offload_and_read_back
+from conformance.targets.sglang.seeds import seed_23427
+runs = [[1] * 12, [2] * 8]
+clean = offload_and_read_back(runs)
+with seed_23427():
+    seeded = offload_and_read_back(runs)
+print(json.dumps({"clean": clean, "seed": seeded}))
+""")
+    assert r["clean"] == [], r["clean"]
+    assert r["seed"] and all(w.startswith("SWA page (2") for w in r["seed"]), r["seed"]
+    assert "SWA page (2, 2): L3 holds (2, 2, 2, 2, 2, 2, 2, 2)" in r["seed"], r["seed"]

@@ -211,7 +211,14 @@ SEEDS: dict[int, Seed] = {
                              "zeroing the tensors they share with nodes is caught at once. The one "
                              "0.5.23 caller that keeps a moved operation's PoolTransfers is the PD decode "
                              "side's DecodeKVCacheOffloadManager (write with flush=True, then write_storage "
-                             "and free from transfer.host_indices), no radix tree and not a target here"),
+                             "and free from transfer.host_indices); there the seed *is* seen on the CPU: "
+                             "decode_offload.py offloads two finished requests ([1]*12, [2]*8) through it "
+                             "(SWA-hybrid unified pool, layer-first direct IO, file L3) and the second one's "
+                             "SWA pages land in L3 under each other's keys (sorted host indices against "
+                             "token-ordered keys; its KV pages stay right), clean 0.5.23 none "
+                             "(test_seeds.py). No machine target drives that path: only the SWA sidecar "
+                             "goes through a PoolTransfer, and reading it back needs an SWA HiCache tree "
+                             "with L3, which the conformance machine does not model (sidecar: mamba only)"),
     23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
                 "sglang-hicache-python-write-back-storage-small-l2", seed_23696, ("R1: host pool", "KeyError"),
                 calls=(("insert", [1, 1, 2, 2]), ("insert", [1, 1, 2, 2, 3, 3, 4, 4]),
