@@ -66,6 +66,18 @@ DEVICE_TOKENS = 16  # L1's size
 HOST_TOKENS = 24  # L2's size: free L2 is the model's own count against it, never the allocator's
 L3_ROOM = {"memory": 256, "file": 12}  # pages each L3 backend kind keeps (the file one evicts, LRU)
 PAGES = [(1, 1), (2, 2), (3, 3), (1, 2)]  # few distinct pages: prefixes are shared, split and re-joined
+def fresh(text: str) -> str:
+    """An equal string that is a new object, as a parsed config file or command line yields it (the
+    literals in this file are interned: `is` would agree with `==` on them)."""
+    return "".join(list(text))
+
+
+def parsed(config: dict) -> dict:
+    """`config` with every string (component names, policies) replaced by a fresh one."""
+    return {k: fresh(v) if isinstance(v, str) else tuple(fresh(c) for c in v) if k == "components" else v
+            for k, v in config.items()}
+
+
 # planted in an L3 directory before a restart: a temp file a crashed writer left, then names that
 # are not page files (no suffix, short or long hex stems, not hex)
 STRAY_L3_FILES = (".tmp-crashed", "deadbeefdeadbeef", "abc.page", "0123456789abcdef0.page", "notes.page")
@@ -125,7 +137,7 @@ class CacheMachine(RuleBasedStateMachine):
         super().__init__()
         cfg = CacheConfig(page_size=PS, device_tokens=DEVICE_TOKENS, host_tokens=HOST_TOKENS, backup_after_hits=2,
                           prefetch_threshold=PS if self.STORAGE == "memory" else 2 * PS, prefetch_timeout_steps=3,
-                          device=device(), **self.CONFIG)
+                          device=device(), **parsed(self.CONFIG))
         page = (cfg.num_layers, 2, PS, cfg.num_heads, cfg.head_dim)
         self.l3_dir = tempfile.mkdtemp(prefix="refcache-l3-") if self.STORAGE == "file" else None
         self.storage = self._open_storage("kv", page, cfg.dtype)
@@ -463,7 +475,9 @@ class CacheMachine(RuleBasedStateMachine):
                                 "count_mismatch", "duplicate_slots", "unaligned_slots", "scrambled_page",
                                 "slots_past_pool", "negative_slots", "int32_slots", "slot_matrix", "free_unaligned",
                                 "free_past_pool", "meta_slots", "foreign_state", "two_states", "no_state",
-                                "stuttered_page", "gapped_page", "page_below_zero", "giant_slots", "scalar_state"]),
+                                "stuttered_page", "gapped_page", "page_below_zero", "giant_slots", "scalar_state",
+                                "negative_alloc", "unaligned_alloc", "short_count", "negative_evict_one",
+                                "negative_evict_host_one", "free_two_states", "free_no_state", "free_foreign_state"]),
           tokens=requests)
     def misuse(self, kind, tokens):
         """A caller's mistake: the operation must raise the documented error and change nothing."""
@@ -510,6 +524,16 @@ class CacheMachine(RuleBasedStateMachine):
                 tokens, len(tokens), lambda i: torch.cat([torch.arange(-ps, 0, dtype=i.dtype, device=i.device), i[ps:]]))),
             "giant_slots": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i + 2**62)),
             "scalar_state": (InvalidIndicesError, lambda: self._insert_state(tokens, lambda mine: mine.view(()))),
+            "negative_alloc": (InvalidIndicesError, lambda: c.alloc_device(-ps)),
+            "unaligned_alloc": (InvalidIndicesError, lambda: c.alloc_device(ps + 1)),
+            "short_count": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens) - ps, lambda i: i)
+                            if len(tokens) > ps else _raise()),
+            "negative_evict_one": (ValueError, lambda: c.evict(-1)),
+            "negative_evict_host_one": (ValueError, lambda: c.evict_host(-1)),
+            "free_two_states": (InvalidIndicesError, lambda: self._free_state(lambda mine: mine.repeat(2))),
+            "free_no_state": (InvalidIndicesError, lambda: self._free_state(lambda mine: mine[:0])),
+            "free_foreign_state": (InvalidIndicesError, lambda: self._free_state(lambda mine: torch.tensor(
+                [next(iter(set(range(c.config.device_mamba_slots)) - {int(mine)}))]))),
             "meta_slots": (InvalidIndicesError, lambda: self._insert_owned(
                 tokens, len(tokens), lambda i: torch.empty(len(i), dtype=i.dtype, device="meta"))),
             # a mamba state slot the caller does not own, or not exactly one
@@ -577,6 +601,23 @@ class CacheMachine(RuleBasedStateMachine):
         except (RefCacheError, _NothingToMisuse):  # refused (or nothing to misuse): the slot is still ours
             c.free_mamba(mine)
             raise
+
+    def _free_state(self, bend) -> None:
+        """free_mamba of `bend` applied to a mamba slot this caller owns, which must refuse it; the
+        slot is then given back."""
+        c = self.cache
+        if not c.config.has("mamba"):
+            raise _NothingToMisuse
+        try:
+            mine = c.alloc_mamba(evict=False)
+        except PoolExhaustedError:
+            raise _NothingToMisuse from None
+        try:
+            c.free_mamba(bend(mine))
+        except RefCacheError:
+            c.free_mamba(mine)
+            raise
+        raise Disagreement(f"free_mamba took slot(s) {bend(mine).tolist()} it should have refused")
 
     def _free_owned(self, bend) -> None:
         """Free `bend` applied to one page this caller owns."""
@@ -1244,6 +1285,26 @@ class CacheMachine(RuleBasedStateMachine):
         v = check_all(self.snap)
         if v:
             raise Disagreement("invariants broken:\n  " + "\n  ".join(map(str, v)))
+
+    @invariant()
+    def match_ends_agree(self):
+        """The cache's public judgement of each node as a match end (device, or any tier) and as a
+        tombstone is the model's, at every node end (sidecar data is uniform within a node)."""
+        c, m = self.cache, self.model
+        side = m.sidecar
+        for n in c.nodes():
+            p = node_prefix(n)
+            g = m.pages.get(p)
+            if g is None:
+                continue
+            for tiers in (fresh("device"), fresh("any")):
+                if c.valid_end(n, tiers) != m.valid_end(p, tiers):
+                    raise Disagreement(f"valid_end({p}, {tiers}) = {c.valid_end(n, tiers)}, the model says "
+                                       f"{m.valid_end(p, tiers)}")
+            tomb = not (g.mamba or g.mamba_host) if side == "mamba" else not (g.swa or g.swa_host) \
+                if side == "swa" else not (g.dev or g.host)
+            if c.is_tombstone(n) != tomb:
+                raise Disagreement(f"is_tombstone({p}) = {c.is_tombstone(n)}, the model says {tomb}")
 
     @invariant()
     def model_agrees(self):
