@@ -265,10 +265,18 @@ class CacheMachine(RuleBasedStateMachine):
         def check(b, a):
             changed = frame(b, a, Allowed()) if got is None else []
             if what == "alloc":
-                swa_room = (b.sidecar != "swa" or not b.ops and
-                            self.snap.swa_capacity - PS * sum(g.swa for g in b.pages.values()) >= n)
+                swa_free = self.snap.swa_capacity - PS * sum(g.swa for g in b.pages.values())
+                swa_room = b.sidecar != "swa" or not b.ops and swa_free >= n
                 v = effects.alloc_errors(b, n, free, got is None and swa_room, write_back, changed)
-                return v if swa_room or got is not None else [x for x in v if "never succeed" in x]
+                if b.sidecar == "swa" and got is None and not b.ops and not swa_room:
+                    # SWA evicts LRU holders, stopping at one whose write-back backup it must wait for
+                    cands = [p for p, g in b.pages.items() if g.swa and g.lock == 0 and p not in b.busy()]
+                    deferred = [p for p in cands if write_back and b.dev_evictable(p) and not b.pages[p].host]
+                    if not deferred and swa_free + PS * len(cands) >= n \
+                            and free + effects.freeable_device(b, write_back) >= n:
+                        v.append(f"alloc of {n} tokens failed although SWA had {swa_free} free and "
+                                 f"{PS * len(cands)} evictable, and full KV had room")
+                return v if swa_room or got is not None else [x for x in v if "never succeed" in x or "SWA had" in x]
             cands = [p for p, g in b.pages.items() if g.mamba and g.lock == 0 and p not in b.busy()]
             deferred = [p for p in cands if write_back and b.dev_evictable(p) and not b.pages[p].host]
             must = free > 0 or (cands and not deferred)  # a write-back victim waits for its backup
