@@ -21,7 +21,7 @@ from stateful_tests.seeded_bugs import SEEDED_BUGS
 CASES = {
     # D1 by the token prefix, or the model's own account of L3 (keyed by prefix: a colliding key
     # makes storage answer for pages it does not hold)
-    "weak_hash_collides": ("bytes of this prefix", "by the model L3 holds"),
+    "weak_hash_collides": ("bytes of this prefix", "bytes that are not this prefix's", "by the model L3 holds"),
     "match_forgets_recency": "not least recently used",  # the model's own recency
     "alloc_refuses_when_all_evictable_needed": "freeable",  # allocation must succeed
     "write_through_skips_passed_nodes": "due for backup",  # write-through must back up
