@@ -53,6 +53,12 @@ class L3Model:
             elif p not in self.sure:  # in flight: it may land any time (an old record stays)
                 self.maybe.add(p)
 
+    def faulted_in_flight(self, pages: Iterable[Prefix]) -> None:
+        """A write fault was armed while writes of `pages` were in flight: when they run they may
+        fail, and a failed write drops the old record too."""
+        for p in pages:
+            self._doubt(p)
+
     def read(self, pages: Iterable[Prefix]) -> None:
         """Pages a prefetch may read now or later (a read refreshes nothing the model relies on)."""
         for p in pages:

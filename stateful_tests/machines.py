@@ -170,6 +170,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
         self.failed_ops: set[int] = set()  # operations the driver failed a part of
         self.settled: list[tuple[int, str]] = []  # (op id, part) the driver completed or failed
+        self.driver_tokens = 0  # L1 slots the driver holds across a step (allocated, not inserted)
         self.get_faults = False  # a read fault was armed: a read may miss a page L3 holds
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
@@ -631,8 +632,15 @@ class CacheMachine(RuleBasedStateMachine):
         """Free `bend` applied to one page this caller owns."""
         self._misuse_owned(PS, bend, self.cache.free_device, "free_device")
 
-    @rule(tokens=requests)
-    def default_cache(self, tokens):
+    @rule(tokens=requests, kind=st.sampled_from(["default_cache", "alloc_nothing"]))
+    def user_edges(self, tokens, kind):
+        """Valid requests at the edges of what users do: a cache built with defaults, an
+        allocation of nothing."""
+        if kind == "alloc_nothing":
+            return self._alloc_nothing()
+        self._default_cache(tokens)
+
+    def _default_cache(self, tokens) -> None:
         """A cache built as a user builds it (no executor given) must move data without being
         driven: a backup started on it is done at its first poll, the bytes on L2. Runs beside
         this machine's cache, which it leaves alone."""
@@ -698,10 +706,42 @@ class CacheMachine(RuleBasedStateMachine):
                         if free_to_start and effects.load_needed(model, end) else [])
             if op.id not in a.ops:
                 return []
-            got = a.ops[op.id].pages
-            return [] if got == set(path) else [f"load_back moves {sorted(got)}, model says {path}"]
+            got, v = a.ops[op.id].pages, []
+            if got != set(path):
+                v.append(f"load_back moves {sorted(got)}, model says {path}")
+            if path:  # it pins the device ancestor its path hangs from (none at the root) while it runs
+                top = max((q for q in model.page_prefixes(end) if len(q) < len(path[0]) and model.pages[q].dev),
+                          key=len, default=())
+                if a.ops[op.id].locked != (top or None):
+                    v.append(f"load_back locks {a.ops[op.id].locked}, the device ancestor of its path is {top or None}")
+            return v
 
         self._step(f"load_back {end} -> {op and op.id}", self._l1_room(), check)
+
+    @precondition(lambda self: any(g.host and not g.dev for g in self.model.pages.values()))
+    @rule(i=st.integers(0, 7))
+    def load_back_crowded(self, i):
+        """A load-back when L1 holds only locked data (every device leaf locked, the common state
+        under a full batch): it must fail cleanly, giving back the lock and reference it took on its
+        device ancestor and path, or start on the room there is. The caller's locks are then released."""
+        host_only = sorted(p for p, g in self.model.pages.items() if g.host and not g.dev)
+        tokens = list(host_only[i % len(host_only)])
+        leaves = [n for n in self.cache.nodes() if n.value is not None
+                  and not any(k.value is not None for k in n.children.values())]
+        before = len(self.held)
+        for n in leaves:
+            self.lock(n)
+        c, free = self.cache, self._free_device()
+        hold = c.alloc_device(free, evict=False) if free and not (self.model.sidecar == "swa") else None
+        self.driver_tokens = 0 if hold is None else free  # the rest of L1 is the caller's
+        try:
+            self.load_back(tokens)
+        finally:
+            if hold is not None:
+                c.free_device(hold)
+                self.driver_tokens = 0
+        while len(self.held) > before:
+            self.unlock(len(self.held) - 1)
 
     # ------------------------------------------------------------------------- L3 rules
     @rule(target=requests, tokens=st.one_of(requests, long_tokens_st), keep=st.sampled_from([1, 2, 8]),
@@ -863,6 +903,9 @@ class CacheMachine(RuleBasedStateMachine):
         """The next L3 read (or write) fails or comes back torn: a failed read may bring nothing,
         never wrong data (D1 checks every page that lands)."""
         self.storage.faults.inject(kind, op)
+        if op == "put":  # stores in flight write when they run: under the fault now
+            self.l3.faulted_in_flight(p for i, pages in self.l3_ops.items()
+                                      if i in self.model.ops and self.model.ops[i].kind == "store" for p in pages)
         self.put_faults = self.put_faults or op == "put"
         self.l3.put_faults = self.put_faults
         self.l3.get_tears = self.l3.get_tears or (kind, op) == ("torn", "get")
@@ -984,8 +1027,7 @@ class CacheMachine(RuleBasedStateMachine):
         self._expect(stored == want_stored and same and held == sum(w is not None for w in want_got),
                      f"storage {kind}: stored {stored}, read back {got}, holds {held} pages")
 
-    @rule()
-    def alloc_nothing(self):
+    def _alloc_nothing(self) -> None:
         """alloc_device(0) is a valid request (0 is a whole number of pages): an empty int64 index
         tensor on the pool's index device, nothing evicted or taken."""
         c = self.cache
@@ -1094,11 +1136,11 @@ class CacheMachine(RuleBasedStateMachine):
                        f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"])
 
     def _free_device(self) -> int:
-        """Free L1 KV tokens by the model's own count: L1's size less the pages L1 holds and the
-        pages load-backs in flight write into (between steps the driver owns no L1 slots)."""
+        """Free L1 KV tokens by the model's own count: L1's size less the pages L1 holds, the pages
+        load-backs in flight write into, and slots the driver holds across a step (load_back_crowded)."""
         m = self.model
         used = PS * (sum(g.dev for g in m.pages.values()) + sum(len(o.pages) for o in m.ops.values() if o.kind == "load"))
-        return DEVICE_TOKENS - used
+        return DEVICE_TOKENS - used - self.driver_tokens
 
     def _free_host(self) -> int:
         """Free L2 tokens by the model's own count: L2's size less the pages L2 holds, the pages

@@ -35,6 +35,16 @@ def test_a_write_in_flight_keeps_an_old_record_sure():
     assert m.bounds([A, AB]) == (1, 2)
 
 
+def test_a_write_fault_armed_under_a_write_in_flight_spoils_its_old_record():
+    """Found by the campaign as a false alarm: a store started on a sure page, then a write fault
+    was armed; the store's put failed when it ran and dropped the old record."""
+    m = L3Model(capacity=None)
+    m.write([A])
+    m.write([A], landed=False)
+    m.faulted_in_flight([A])
+    assert m.bounds([A]) == (0, 1)
+
+
 def test_a_forged_record_is_maybe_until_read_back():
     m = L3Model(capacity=None)
     m.write([A, AB])
