@@ -1176,6 +1176,8 @@ class CacheMachine(RuleBasedStateMachine):
         arrived = len(list(itertools.takewhile(lambda p: status.get(p) is PartStatus.DONE, op.kv_parts)))
         pool_pending = any(status.get(p) is PartStatus.PENDING for p in op.parts[len(op.kv_parts):])
         settled = not any(s is PartStatus.PENDING for s in status.values())
+        n_kv = len(op.kv_parts)  # (read before the call: termination rewrites the op's parts)
+        state_done = len(op.parts) > n_kv and status.get(op.parts[n_kv]) is PartStatus.DONE
         policy = self.cache.config.prefetch_policy.value
         done = self.cache.prefetch_progress(rid)
         self.time += 1
@@ -1189,7 +1191,6 @@ class CacheMachine(RuleBasedStateMachine):
             want = policy == "best_effort" or settled or (policy == "timeout" and past_deadline)
         # a rank whose pool transfer is still in flight gives up its part: nothing joins its tree
         got = [anchor + tuple(key[: k * PS]) for k in range(1, arrived + 1)] if done and not pool_pending else []
-        state_done = len(op.parts) > len(op.kv_parts) and status.get(op.parts[len(op.kv_parts)]) is PartStatus.DONE
         if done:
             del self.prefetching[rid]
             self.staging[op.id] = len(key) - PS * len(got)  # what arrived joined the tree (or was there)
@@ -1206,12 +1207,34 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append(f"terminated prefetch {rid} reports {len(op.prefetch.key)} tokens fetched; "
                          f"{PS * len(got)} arrived and joined the tree")
             end = got[-1] if got else None
-            if (end and arrived == len(op.kv_parts) and state_done and a.pages.get(end, Page(False, False)).host
+            if (end and arrived == n_kv and state_done and a.pages.get(end, Page(False, False)).host
                     and not a.pages[end].mamba_host):
                 v.append(f"{end}: prefetch fetched every page and the state, but the prefix has no L2 state")
             return v
 
-        self._step(f"progress {rid} -> {done}", Allowed(gain_host=frozenset(got), gain_side=frozenset(got)), check)
+        # sidecar data joins with the pages: SWA on every page that arrived; a mamba state only at the
+        # end, and only when every page and the state itself arrived
+        whole = bool(got) and arrived == n_kv and state_done
+        side = frozenset(got) if self.model.sidecar == "swa" else frozenset(got[-1:]) if whole else frozenset()
+        self._step(f"progress {rid} -> {done}", Allowed(gain_host=frozenset(got), gain_side=side), check)
+
+    @precondition(lambda self: self.prefetching)
+    @rule(i=st.integers(0, 7), k=st.integers(0, 3), n=st.integers(1, 5))
+    def wait_prefetch(self, i, k, n):
+        """A scheduler waiting on a prefetch: `k` of its pages land (its pool transfer not yet), then
+        it asks for progress up to `n` times without the rest landing, across the timeout deadline."""
+        rid = sorted(self.prefetching)[i % len(self.prefetching)]
+        op, ex = self.prefetching[rid][0], self.cache.executor
+        parts = [p for o, p in ex.pending_parts() if o == op.id and not p.startswith("pool:")][:k]
+        for part in parts:
+            ex.complete(op.id, part)
+            self.settled.append((op.id, part))
+        if parts:
+            self._step(f"complete {len(parts)} pages of prefetch {rid}", Allowed())
+        for _ in range(n):
+            if rid not in self.prefetching:
+                break
+            self.progress(sorted(self.prefetching).index(rid))
 
     @precondition(lambda self: self.prefetching)
     @rule(i=st.integers(0, 7))
