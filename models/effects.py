@@ -149,3 +149,30 @@ def size_errors(m: Model, sizes: dict) -> list[str]:
     got = {k: v for k, v in sizes.items() if v}
     return [f"R2 by the model: {k} is {got.get(k, 0)}, the model counts {want.get(k, 0)}"
             for k in sorted(set(want) | set(got)) if want.get(k, 0) != got.get(k, 0)][:3]
+
+
+def tombstone(m: Model, p: Prefix) -> bool:
+    """No value of the defining component at `p` on any tier: the sidecar's, or full KV's when alone."""
+    g = m.pages[p]
+    if m.sidecar == "mamba":
+        return not (g.mamba or g.mamba_host)
+    if m.sidecar == "swa":
+        return not (g.swa or g.swa_host)
+    return not (g.dev or g.host)
+
+
+def cascade_errors(before: Model, after: Model) -> list[str]:
+    """A deletion cascades: the parent of every deleted subtree that is left a childless tombstone
+    no lock, reference or operation holds must go too (and so on upward)."""
+    ps = before.page_size
+    gone = {p for p in before.pages if p not in after.pages}
+    held = after.busy() | {op.anchor for op in after.ops.values() if op.anchor}
+    v = []
+    for top in sorted(p for p in gone if p[:-ps] not in gone):
+        q = top[:-ps]
+        if not q or q not in after.pages or q in held or after.children(q):
+            continue
+        g = after.pages[q]
+        if g.lock == 0 and g.host_ref == 0 and tombstone(after, q):
+            v.append(f"{q}: left a childless tombstone no one holds when {top} was deleted (the cascade stopped)")
+    return v

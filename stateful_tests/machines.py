@@ -206,6 +206,7 @@ class CacheMachine(RuleBasedStateMachine):
             errs += check(self.model, after)
         errs += data_errors(self.cache, snap)
         errs += effects.size_errors(after, snap.sizes)
+        errs += effects.cascade_errors(self.model, after)
         self.rec.keep(after.pages)
         self._l3_tick(after)
         op = what.split()[0]
