@@ -80,6 +80,7 @@ def parsed(config: dict) -> dict:
 
 # planted in an L3 directory before a restart: a temp file a crashed writer left, then names that
 # are not page files (no suffix, short or long hex stems, not hex)
+DEMOTING_STEPS = ("evict", "pressure", "alloc", "alloc_state", "load_back", "evict_sidecar", "user_edges")
 STRAY_L3_FILES = (".tmp-crashed", "deadbeefdeadbeef", "abc.page", "0123456789abcdef0.page", "notes.page")
 STRAY_L3_HASHES = (0xDEADBEEFDEADBEEF, 0xABC, 0x0123456789ABCDEF0)
 STORAGE_MISUSES = ("hash_negative", "hash_2_64", "hash_float", "page_bigger", "page_smaller", "page_dtype",
@@ -171,6 +172,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.failed_ops: set[int] = set()  # operations the driver failed a part of
         self.settled: list[tuple[int, str]] = []  # (op id, part) the driver completed or failed
         self.driver_tokens = 0  # L1 slots the driver holds across a step (allocated, not inserted)
+        self.demoting: set[int] = set()  # write-back backups an eviction started (their node goes when they land)
         self.get_faults = False  # a read fault was armed: a read may miss a page L3 holds
         self.log: list[str] = []
         self.steps = 0  # this run's steps: the drift check's schedule, so a replay checks the same ones
@@ -212,6 +214,8 @@ class CacheMachine(RuleBasedStateMachine):
         op = what.split()[0]
         if DRIFT_EVERY and self.steps % DRIFT_EVERY == 0 and op not in ("seed_storage",):
             errs += check_step(self.snap, _DRIFT_NAMES.get(op, op), snap, max_states=2000)  # Z3 relation drift
+        if self._write_back and op in DEMOTING_STEPS:  # backups an eviction starts demote their node when they land
+            self.demoting |= {i for i, o in after.ops.items() if o.kind == "backup" and i not in self.model.ops}
         self.snap, self.model = snap, after
         if errs:
             raise Disagreement(f"{what}: cache and model disagree:\n  " + "\n  ".join(errs))
@@ -1347,11 +1351,30 @@ class CacheMachine(RuleBasedStateMachine):
                         and op.id not in self.failed_ops and not (kind == "store" and self.l3.put_faults)):
                     v.append(f"op {op.id} ({kind}) ended {op.state.value} although no part of it was failed "
                              f"{'and no L3 write fault was armed' if kind == 'store' else ''}".rstrip())
+            if self._write_back and len(acked) == 1 and acked[0].kind == "backup":
+                v += self._demote_errors(acked[0], b, a)
             return v + effects.settled_errors(self.after_snap.ops)
 
         self._step(f"poll -> {[op.id for op in done]}",
                    Allowed(gain_dev=frozenset(gain_dev), gain_host=frozenset(gain_host), gain_side=frozenset(side),
                            evict_dev=side_or_wb, evict_host=self.model.sidecar is not None, ops_finish=True), check)
+
+    def _demote_errors(self, op, b, a) -> list[str]:
+        """Write-back: a backup an eviction started demotes its node when it lands (the node's L1
+        copy goes) if the node is then an unlocked device leaf; a backup the caller asked for does
+        not."""
+        end = max(op.pages, key=len)
+        if end not in b.pages or not b.pages[end].dev:
+            return []
+        dev_kids = [c for m in (b, a) if end in m.pages for c in m.children(end) if m.pages[c].dev]
+        lock = b.pages[end].lock - (op.locked == end)
+        still = end in a.pages and a.pages[end].dev
+        if op.id in self.demoting:
+            return [f"{end}: the eviction's backup (op {op.id}) landed on an unlocked device leaf that kept its "
+                    "L1 copy"] if still and not dev_kids and lock == 0 else []
+        if b.sidecar is None and not still:
+            return [f"{end}: a backup the caller asked for (op {op.id}) dropped its node's L1 copy"]
+        return []
 
     # ---------------------------------------------------------------------- invariants
     @invariant()
