@@ -38,6 +38,7 @@ from models.recency import Recency
 from properties.drift import check_step
 from refcache import (
     CacheConfig,
+    ComponentError,
     DeterministicExecutor,
     HiCache,
     InvalidAnchorError,
@@ -637,13 +638,34 @@ class CacheMachine(RuleBasedStateMachine):
         """Free `bend` applied to one page this caller owns."""
         self._misuse_owned(PS, bend, self.cache.free_device, "free_device")
 
-    @rule(tokens=requests, kind=st.sampled_from(["default_cache", "alloc_nothing"]))
+    @rule(tokens=requests, kind=st.sampled_from(["default_cache", "alloc_nothing", "empty_insert", "other_sidecar"]))
     def user_edges(self, tokens, kind):
         """Valid requests at the edges of what users do: a cache built with defaults, an
-        allocation of nothing."""
+        allocation of nothing, an empty insert, evicting a sidecar the cache does not have."""
+        c = self.cache
         if kind == "alloc_nothing":
             return self._alloc_nothing()
-        self._default_cache(tokens)
+        if kind == "default_cache":
+            return self._default_cache(tokens)
+        if kind == "empty_insert":  # nothing to insert: nothing taken, the caller keeps its slot
+            try:
+                slot = c.alloc_mamba(evict=False) if c.config.has("mamba") else None
+            except PoolExhaustedError:
+                return
+            got = c.insert([], c.alloc_device(0), slot)
+            if slot is not None:
+                c.free_mamba(slot)  # still the caller's: raises if the tree took it
+            self._expect((got.cached_len, got.mamba_slot_used) == (0, False), f"insert([]) returned {got}")
+            return self._step("insert []", Allowed(), lambda b, a: same_data(b, a))
+        if c.config.sidecar != "swa":  # evicting SWA from a cache without it frees nothing
+            self._expect(c.evict_swa(4 * PS) == 0, "evict_swa on a cache without SWA freed something")
+        if not c.config.has("mamba"):
+            try:
+                c.evict_mamba(1)
+                raise Disagreement("evict_mamba on a cache without mamba did not raise ComponentError")
+            except ComponentError:
+                pass
+        self._step("evict the sidecar it lacks", Allowed(), lambda b, a: same_data(b, a))
 
     def _default_cache(self, tokens) -> None:
         """A cache built as a user builds it (no executor given) must move data without being
@@ -867,6 +889,10 @@ class CacheMachine(RuleBasedStateMachine):
         except RefCacheError as e:
             return self._raised("store", e)
         p = node_prefix(node)
+        must = p in self.model.pages and self.model.pages[p].host and p not in self.model.busy()
+        if (op is None) == must:
+            raise Disagreement(f"store({p}) returned {op}; the node {'has' if must else 'lacks'} L2 data no "
+                               "backup or load is working on, so it must start " + ("one" if must else "none"))
         if op is not None:
             self.stores[op.id] = (p, len(node.key), node.mamba_host is not None)
             self.l3_ops[op.id] = [p[:e] for e in range(len(p) - len(node.key) + PS, len(p) + 1, PS)]
@@ -1343,6 +1369,9 @@ class CacheMachine(RuleBasedStateMachine):
                     if p in a.pages and not getattr(a.pages[p], tier):  # (a cascade may have deleted it)
                         v.append(f"op {op.id} ({op.kind}) acknowledged but {p} lacks its {tier} data")
             v += effects.ack_errors(a, [op.anchor for op in acked if op.kind == "load" and op.anchor])
+            ended = set(b.ops) - set(a.ops)
+            if {op.id for op in done} != ended:
+                v.append(f"poll returned ops {sorted(op.id for op in done)}, but ops {sorted(ended)} ended")
             for s in stored:
                 v += self._stored_errors(*s)
             for op in done:  # liveness: a transfer nothing failed must succeed
