@@ -657,7 +657,8 @@ def markdown(data: dict[str, Any], triage: dict[str, dict[str, str]], triage_pat
         f"- campaign check: every machine ({len(s.get('machines', []))}) for {s.get('budget_per_machine')} s each "
         f"(`hunt`, seed {s.get('seed')}, slices of {s.get('examples_per_slice', 25)} examples), "
         "stopping at the first detection; unit-test check: the tests covering "
-        "the mutated line (coverage contexts), fastest first, `-x`",
+        "the mutated line (coverage contexts), fastest first, `-x`; the caches run on the CPU, except in runs "
+        "given `--device cuda` (their commands below), which run them on the GPU",
         f"- machine: {data.get('host')} ({data.get('cpus')} CPUs, {data.get('jobs')} jobs), Python {data.get('python')}; "
         f"wall time {_dur(data.get('wall_s', float('nan')))}; {data.get('started', '')}",
         f"- command: `{data.get('command', '')}`",
@@ -802,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--remap", action="store_true", help="recompute the coverage map even if it is fresh")
     ap.add_argument("--rev", default=None, help="mutate and test this commit (git archive) instead of the working tree")
     ap.add_argument("--spawn", action="store_true", help="start each check as a new interpreter instead of forking")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="where the campaign's caches run (cuda reaches the CUDA executor and pinned-memory paths)")
     ap.add_argument("--mutant", default=None, help="rerun one mutant verbosely (its diff and which check kills it)")
     ap.add_argument("--all-checks", action="store_true", help="with --mutant: every machine and every covering test")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -830,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: list[str] | None) -> int:
     mutants, skipped = enumerate_mutants(args.modules, root, operator_filter=args.operators)
-    mode = "spawn" if args.spawn or not can_fork() else "fork"
+    if args.device == "cuda":  # the machines run on CUDA (CudaExecutor, pinned L2): children must not fork a CUDA context
+        os.environ["REFCACHE_DEVICE"] = "cuda"
+    mode = "spawn" if args.spawn or args.device == "cuda" or not can_fork() else "fork"
     n_machines = 9  # until the baseline names them; only splits the budget
     settings = Settings(round(args.budget_per_mutant / n_machines, 3), args.examples_per_slice, args.seed, not args.no_tests,
                         args.test_timeout_factor, args.test_timeout_min, mode)
@@ -880,7 +885,7 @@ def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: l
         "source": args.rev or "working tree", "json": _rel(args.out),
         "settings": {"modules": args.modules, "budget_per_mutant": args.budget_per_mutant,
                      "budget_per_machine": settings.budget_per_machine, "examples_per_slice": args.examples_per_slice,
-                     "seed": args.seed, "machines": machines,
+                     "seed": args.seed, "machines": machines, "device": args.device,
                      "limit": args.limit, "operators": args.operators, "tests": settings.tests,
                      "skip_equivalent": args.skip_equivalent,
                      "test_timeout_factor": args.test_timeout_factor, "test_timeout_min": args.test_timeout_min},
