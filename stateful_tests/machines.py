@@ -22,6 +22,7 @@ import math
 import os
 import shutil
 import tempfile
+import zlib
 from collections import Counter
 from dataclasses import replace
 
@@ -81,6 +82,17 @@ def parsed(config: dict) -> dict:
 
 # planted in an L3 directory before a restart: a temp file a crashed writer left, then names that
 # are not page files (no suffix, short or long hex stems, not hex)
+# every caller mistake the misuse rule makes
+MISUSE_KINDS = (
+    "unaligned_key", "foreign_slots", "free_cached_slots", "unlock_unlocked", "detached_node", "float_tokens",
+    "unknown_prefetch", "bool_tokens", "matrix_tokens", "huge_token", "text_tokens", "negative_evict",
+    "negative_evict_host", "count_mismatch", "duplicate_slots", "unaligned_slots", "scrambled_page",
+    "slots_past_pool", "negative_slots", "int32_slots", "slot_matrix", "free_unaligned", "free_past_pool",
+    "meta_slots", "foreign_state", "two_states", "no_state", "stuttered_page", "gapped_page",
+    "page_below_zero", "giant_slots", "scalar_state", "negative_alloc", "unaligned_alloc", "short_count",
+    "negative_evict_one", "negative_evict_host_one", "free_two_states", "free_no_state", "free_foreign_state",
+    "tail_past_pool", "tail_unaligned",
+)
 DEMOTING_STEPS = ("evict", "pressure", "alloc", "alloc_state", "load_back", "evict_sidecar", "user_edges")
 STRAY_L3_FILES = (".tmp-crashed", "deadbeefdeadbeef", "abc.page", "0123456789abcdef0.page", "notes.page")
 STRAY_L3_HASHES = (0xDEADBEEFDEADBEEF, 0xABC, 0x0123456789ABCDEF0)
@@ -173,6 +185,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.failed_ops: set[int] = set()  # operations the driver failed a part of
         self.settled: list[tuple[int, str]] = []  # (op id, part) the driver completed or failed
         self.driver_tokens = 0  # L1 slots the driver holds across a step (allocated, not inserted)
+        self._misuse_turn = zlib.crc32(repr(sorted(self.CONFIG.items())).encode()) % len(MISUSE_KINDS)
         self.demoting: set[int] = set()  # write-back backups an eviction started (their node goes when they land)
         self.get_faults = False  # a read fault was armed: a read may miss a page L3 holds
         self.log: list[str] = []
@@ -484,16 +497,7 @@ class CacheMachine(RuleBasedStateMachine):
 
         self._step(f"evict_{side} -> {n}", Allowed(evict_dev=True, evict_host=True), check)
 
-    @rule(kind=st.sampled_from(["unaligned_key", "foreign_slots", "free_cached_slots", "unlock_unlocked",
-                                "detached_node", "float_tokens", "unknown_prefetch", "bool_tokens", "matrix_tokens",
-                                "huge_token", "text_tokens", "negative_evict", "negative_evict_host",
-                                "count_mismatch", "duplicate_slots", "unaligned_slots", "scrambled_page",
-                                "slots_past_pool", "negative_slots", "int32_slots", "slot_matrix", "free_unaligned",
-                                "free_past_pool", "meta_slots", "foreign_state", "two_states", "no_state",
-                                "stuttered_page", "gapped_page", "page_below_zero", "giant_slots", "scalar_state",
-                                "negative_alloc", "unaligned_alloc", "short_count", "negative_evict_one",
-                                "negative_evict_host_one", "free_two_states", "free_no_state", "free_foreign_state"]),
-          tokens=requests)
+    @rule(kind=st.sampled_from(MISUSE_KINDS), tokens=requests)
     def misuse(self, kind, tokens):
         """A caller's mistake: the operation must raise the documented error and change nothing."""
         c, ps = self.cache, PS
@@ -538,6 +542,13 @@ class CacheMachine(RuleBasedStateMachine):
             "page_below_zero": (InvalidIndicesError, lambda: self._insert_owned(
                 tokens, len(tokens), lambda i: torch.cat([torch.arange(-ps, 0, dtype=i.dtype, device=i.device), i[ps:]]))),
             "giant_slots": (InvalidIndicesError, lambda: self._insert_owned(tokens, len(tokens), lambda i: i + 2**62)),
+            # page 0 (in range, owned or not), then pages that are bad: the refusal names the bad one
+            "tail_past_pool": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: torch.cat([torch.arange(ps, dtype=i.dtype, device=i.device),
+                                                          i[ps:] + DEVICE_TOKENS])) if len(tokens) > ps else _raise()),
+            "tail_unaligned": (InvalidIndicesError, lambda: self._insert_owned(
+                tokens, len(tokens), lambda i: torch.cat([torch.arange(ps, dtype=i.dtype, device=i.device),
+                                                          i[ps:] + 1])) if len(tokens) > ps else _raise()),
             "scalar_state": (InvalidIndicesError, lambda: self._insert_state(tokens, lambda mine: mine.view(()))),
             "negative_alloc": (InvalidIndicesError, lambda: c.alloc_device(-ps)),
             "unaligned_alloc": (InvalidIndicesError, lambda: c.alloc_device(ps + 1)),
@@ -569,6 +580,13 @@ class CacheMachine(RuleBasedStateMachine):
                     raise Disagreement(f"misuse {kind}: the error says {str(e)!r}, not {says!r}") from e
             return self._step(f"misuse {kind} -> {want.__name__}", Allowed(), lambda b, a: same_data(b, a))
         raise Disagreement(f"misuse {kind}: {want.__name__} expected, but the call returned or raised otherwise")
+
+    @rule(tokens=requests)
+    def misuse_in_turn(self, tokens):
+        """Every kind of caller mistake in turn, from a per-machine offset: a short run reaches all of
+        them, where drawing kinds at random leaves some out."""
+        self._misuse_turn += 1
+        self.misuse(MISUSE_KINDS[self._misuse_turn % len(MISUSE_KINDS)], tokens)
 
     def _misuse_owned(self, n: int, bend, call, what: str) -> None:
         """Run `call` on `bend` of `n` slots this caller owns (allocated without evicting), which must
@@ -1467,19 +1485,20 @@ MISUSE_SAYS = {"unaligned_slots": "not one aligned page", "scrambled_page": "not
                "free_unaligned": "not one aligned page", "stuttered_page": "not one aligned page",
                "gapped_page": "not one aligned page", "slots_past_pool": "out of range",
                "negative_slots": "out of range", "free_past_pool": "out of range", "page_below_zero": "out of range",
-               "giant_slots": "out of range"}
+               "giant_slots": "out of range", "tail_past_pool": "out of range", "tail_unaligned": "not one aligned page"}
 
 
 def misuse_says(kind: str, bent: torch.Tensor | None) -> list[str]:
     """What the refusal of a misuse must say: why, and which slots. Slots that are not one aligned
-    page are named by their first such page (every page the rules bend is bad, so the first); slots
-    past the pool by the first one, with the pool's range."""
+    page are named by their first such page; slots past the pool by the first slot outside it, with
+    the pool's range (the model finds both in the slots it bent, not in the cache's answer)."""
     says = MISUSE_SAYS.get(kind)
     if says is None or bent is None or bent.device.type == "meta":
         return [says] if says else []
+    rows = bent.view(-1, PS).tolist()
     if says == "not one aligned page":
-        return [says, str(bent[:PS].tolist())]
-    return [says, f"slot {int(bent[0])} ", f"[0, {DEVICE_TOKENS})"]
+        return [says, str(next(r for r in rows if r[0] % PS or r != list(range(r[0], r[0] + PS))))]
+    return [says, f"slot {next(x for x in bent.tolist() if not 0 <= x < DEVICE_TOKENS)} ", f"[0, {DEVICE_TOKENS})"]
 
 
 def _finish(op) -> list:
