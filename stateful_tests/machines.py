@@ -1272,9 +1272,25 @@ class CacheMachine(RuleBasedStateMachine):
     def wait_prefetch(self, i, k, n):
         """A scheduler waiting on a prefetch: `k` of its pages land (its pool transfer not yet), then
         it asks for progress up to `n` times without the rest landing, across the timeout deadline."""
-        rid = sorted(self.prefetching)[i % len(self.prefetching)]
+        self._wait(sorted(self.prefetching)[i % len(self.prefetching)], k, n)
+
+    @precondition(lambda self: self.seeded)
+    @rule(i=st.integers(0, 7), k=st.integers(0, 3))
+    def prefetch_and_wait(self, i, k):
+        """A prefetch of what another instance stored, waited on at once: some of its pages land (never
+        all), and progress is asked until it ends or the deadline has passed, so every timeout
+        deadline is met on the step it falls on."""
+        before = set(self.prefetching)
+        self.prefetch_seeded(i, [])
+        for rid in set(self.prefetching) - before:
+            self._wait(rid, k, self.cache.config.prefetch_timeout_steps + 2, keep_one=True)
+
+    def _wait(self, rid: str, k: int, n: int, keep_one: bool = False) -> None:
+        """Land `k` of prefetch `rid`'s pages (its pool transfer not yet; with `keep_one`, never its
+        last page), then ask for progress up to `n` times."""
         op, ex = self.prefetching[rid][0], self.cache.executor
-        parts = [p for o, p in ex.pending_parts() if o == op.id and not p.startswith("pool:")][:k]
+        pending = [p for o, p in ex.pending_parts() if o == op.id and not p.startswith("pool:")]
+        parts = pending[: min(k, len(pending) - 1) if keep_one else k]
         for part in parts:
             ex.complete(op.id, part)
             self.settled.append((op.id, part))
