@@ -702,6 +702,20 @@ class CacheMachine(RuleBasedStateMachine):
         done = fresh.poll()
         self._expect(op is None or (op in done and op.state == OpState.DONE and node.host_value is not None),
                      f"a default-built cache left backup {op} {op and op.state.value} after its first poll")
+        # the defaults evict: all of L1 (SWA: all it can hold; every mamba slot) can be had, the tree's
+        # copy being on L2;
+        # and the default invariant check does not read data a user's model wrote (here: none)
+        self._expect(fresh.check_invariants() == [], f"check_invariants() on a sound cache: {fresh.check_invariants()}")
+        try:
+            room = DEVICE_TOKENS if cfg.sidecar != "swa" else min(DEVICE_TOKENS, self.snap.swa_capacity // PS * PS)
+            whole = fresh.alloc_device(room)  # (an SWA allocation needs as many SWA tokens)
+            states = [fresh.alloc_mamba() for _ in range(cfg.device_mamba_slots)] if cfg.has("mamba") else []
+        except PoolExhaustedError as e:
+            raise Disagreement(f"alloc with the default eviction failed on a cache whose data is all evictable: {e}") \
+                from e
+        fresh.free_device(whole)
+        for st_ in states:
+            fresh.free_mamba(st_)
 
     @rule(node=nodes)
     def backup(self, node):
