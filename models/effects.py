@@ -162,17 +162,20 @@ def tombstone(m: Model, p: Prefix) -> bool:
 
 
 def cascade_errors(before: Model, after: Model) -> list[str]:
-    """A deletion cascades: the parent of every deleted subtree that is left a childless tombstone
-    no lock, reference or operation holds must go too (and so on upward)."""
+    """A childless tombstone that no lock, reference or operation holds is deleted at once when a
+    deletion leaves one (the cascade goes on upward) and when a backup or load-back that held one
+    ends without success (its release cascades). (A terminated prefetch may leave one: what arrived
+    joins the tree without the state its end lacks.)"""
     ps = before.page_size
     gone = {p for p in before.pages if p not in after.pages}
+    released = {p for i, op in before.ops.items() if i not in after.ops and op.kind in ("backup", "load")
+                for p in op.pages}
     held = after.busy() | {op.anchor for op in after.ops.values() if op.anchor}
     v = []
-    for top in sorted(p for p in gone if p[:-ps] not in gone):
-        q = top[:-ps]
+    for q in sorted({t[:-ps] for t in gone} | released):
         if not q or q not in after.pages or q in held or after.children(q):
             continue
         g = after.pages[q]
         if g.lock == 0 and g.host_ref == 0 and tombstone(after, q):
-            v.append(f"{q}: left a childless tombstone no one holds when {top} was deleted (the cascade stopped)")
+            v.append(f"{q}: left a childless tombstone no one holds (the cascade stopped)")
     return v
