@@ -163,16 +163,14 @@ def tombstone(m: Model, p: Prefix) -> bool:
 
 def cascade_errors(before: Model, after: Model) -> list[str]:
     """A childless tombstone that no lock, reference or operation holds is deleted at once when a
-    deletion leaves one (the cascade goes on upward) and when a backup or load-back that held one
-    ends without success (its release cascades). (A terminated prefetch may leave one: what arrived
-    joins the tree without the state its end lacks.)"""
+    deletion leaves one (the cascade goes on upward). (Not checked elsewhere: a terminated prefetch
+    may leave one, what arrived joining the tree without the state its end lacks, and so may a
+    successful backup of a node whose state went while it ran.)"""
     ps = before.page_size
     gone = {p for p in before.pages if p not in after.pages}
-    released = {p for i, op in before.ops.items() if i not in after.ops and op.kind in ("backup", "load")
-                for p in op.pages}
     held = after.busy() | {op.anchor for op in after.ops.values() if op.anchor}
     v = []
-    for q in sorted({t[:-ps] for t in gone} | released):
+    for q in sorted({t[:-ps] for t in gone}):
         if not q or q not in after.pages or q in held or after.children(q):
             continue
         g = after.pages[q]
