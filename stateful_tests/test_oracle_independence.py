@@ -23,7 +23,8 @@ CASES = {
     # makes storage answer for pages it does not hold)
     "weak_hash_collides": ("bytes of this prefix", "bytes that are not this prefix's", "by the model L3 holds"),
     "match_forgets_recency": "not least recently used",  # the model's own recency
-    "alloc_refuses_when_all_evictable_needed": "freeable",  # allocation must succeed
+    # allocation must succeed (the machine's own allocations, or a default-built cache's)
+    "alloc_refuses_when_all_evictable_needed": ("freeable", "whose data is all evictable"),
     "write_through_skips_passed_nodes": "due for backup",  # write-through must back up
     "storage_exists_counts_past_a_hole": "by the model L3 holds",  # the model's own account of L3
 }
