@@ -619,25 +619,19 @@ class CacheMachine(RuleBasedStateMachine):
         self._misuse_owned(n, bend, lambda slots: c.insert(tokens, slots, state), f"insert of {len(tokens)} tokens")
 
     def _insert_state(self, tokens, bend) -> None:
-        """Insert `tokens` on owned L1 slots with `bend` applied to a mamba slot this caller owns
-        (allocated without evicting; given back after the refusal)."""
+        """Insert `tokens` on owned L1 slots with `bend` applied to a mamba slot this caller owns."""
         c = self.cache
-        if not c.config.has("mamba"):
-            raise _NothingToMisuse
-        try:
-            mine = c.alloc_mamba(evict=False)
-        except PoolExhaustedError:
-            raise _NothingToMisuse from None
-        try:
-            self._misuse_owned(len(tokens), lambda i: i, lambda slots: c.insert(tokens, slots, bend(mine)),
-                               f"insert with mamba slot {bend(mine).tolist()}")
-        except (RefCacheError, _NothingToMisuse):  # refused (or nothing to misuse): the slot is still ours
-            c.free_mamba(mine)
-            raise
+        self._state_owned(lambda mine: self._misuse_owned(
+            len(tokens), lambda i: i, lambda slots: c.insert(tokens, slots, bend(mine)),
+            f"insert with mamba slot {bend(mine).tolist()}"), "insert")
 
     def _free_state(self, bend) -> None:
-        """free_mamba of `bend` applied to a mamba slot this caller owns, which must refuse it; the
-        slot is then given back."""
+        """free_mamba of `bend` applied to a mamba slot this caller owns, which must refuse it."""
+        self._state_owned(lambda mine: self.cache.free_mamba(bend(mine)), "free_mamba")
+
+    def _state_owned(self, call, what: str) -> None:
+        """Run `call` on a mamba slot this caller owns (allocated without evicting), which must be
+        refused; the slot is given back when it is (or when there was nothing to misuse)."""
         c = self.cache
         if not c.config.has("mamba"):
             raise _NothingToMisuse
@@ -646,11 +640,11 @@ class CacheMachine(RuleBasedStateMachine):
         except PoolExhaustedError:
             raise _NothingToMisuse from None
         try:
-            c.free_mamba(bend(mine))
-        except RefCacheError:
+            call(mine)
+        except (RefCacheError, _NothingToMisuse):
             c.free_mamba(mine)
             raise
-        raise Disagreement(f"free_mamba took slot(s) {bend(mine).tolist()} it should have refused")
+        raise Disagreement(f"{what} took a misused mamba slot (from {mine.tolist()}) it should have refused")
 
     def _free_owned(self, bend) -> None:
         """Free `bend` applied to one page this caller owns."""
