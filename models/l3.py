@@ -67,9 +67,12 @@ class L3Model:
                 self._doubt(p)
 
     def read_back(self, p: Prefix, present: bool) -> None:
-        """The driver read `p` itself, with no fault armed: what it saw is what L3 holds."""
+        """The driver read `p` itself, with no fault armed: what it saw is what L3's index holds. A
+        miss on a forged page leaves it forged: the file stays when the index lacked it, and a
+        restart may index it again."""
         self._touch(p)
-        self.corrupt.discard(p)
+        if present:
+            self.corrupt.discard(p)
         self.maybe.discard(p)
         if present:
             self.sure.add(p)
@@ -89,7 +92,9 @@ class L3Model:
         self.corrupt.add(p)
 
     def reopened(self) -> None:
-        """The backend rebuilt its index from its files: the LRU order among them is unknown."""
+        """The backend rebuilt its index from its files: the LRU order among them is unknown, and
+        a forged file may be indexed again."""
+        self.maybe |= self.corrupt - self.sure
         for p in self.sure | self.maybe:
             self._touch(p)
 

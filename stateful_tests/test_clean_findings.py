@@ -11,6 +11,12 @@ about 1.5 M clean steps in, and both were the oracle being wrong, not the cache:
   in flight gives up its part and drains. The drift guard looked for that step among the
   one-rank relation's terminations, which never terminate with a pool transfer in flight; in
   that relation the step is an abort, and the guard now accepts it as one.
+
+A third came from CI's own short `refcache verify` (2 workers, 40 s, 2026-12-03), the oracle wrong
+again: a page whose L3 file was forged after a failed write had dropped it from the index. The
+driver's own read missed it (the index lacked it), and the L3 model then forgot that the forged
+file was still on disk; a restart indexed it and the prefetch counted it (its read later rejects
+the record). The model now keeps a missed forged page as one a restart may index again.
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ FINDINGS = {
         "state.insert(tokens=requests_2)",
         "state.prefetch(extra=[], tokens=requests_1)",
         "state.progress(i=0)",  # the peer stopped: this rank gives up its part, pool transfer in flight
+    ]),
+    "l3_forged_file_outlives_a_missed_read": ("full/write_back", [
+        "requests_1 = state.seed_storage(extra=[], keep=8, tokens=[2, 2, 3, 3])",
+        "state.storage_fault(kind='io_error', op='put')",
+        "requests_2 = state.seed_storage(extra=[], keep=1, tokens=requests_1)",  # the failed write drops [2, 2]
+        "state.reopen_storage()",
+        "state.storage_forged_record(k=0, kind='misplaced', r=0)",  # [3, 3]'s record under [2, 2]'s name
+        "state.peer_read(cancel=False, i=0)",  # a miss: the index lacks it, the file stays
+        "state.reopen_storage()",  # the restart indexes the forged file
+        "state.prefetch(extra=[(3, 3)], tail=(), tokens=requests_2)",  # counts it: both pages
     ]),
 }
 

@@ -87,3 +87,15 @@ def test_a_restart_forgets_the_lru_order():
     m.reopened()  # the rebuilt index orders its pages any way: each counts every other as newer
     m.tick()
     assert m.bounds([AB])[0] == 0 and m.bounds([ABC])[0] == 0 and m.bounds([AB])[1] == 1
+
+
+def test_a_forged_page_a_read_missed_may_come_back_after_a_restart():
+    m = L3Model(capacity=None)
+    m.forged(A)  # a forged record in A's file, which the index may lack
+    m.read_back(A, present=False)  # the driver's read missed: the index lacks A now...
+    assert m.bounds([A]) == (0, 0)
+    m.reopened()  # ...but the file stays, and the rebuilt index may hold it
+    assert m.bounds([A]) == (0, 1)
+    m.read_back(A, present=True)  # a read that served A: the record is sound again
+    m.reopened()
+    assert m.bounds([A]) == (1, 1)
