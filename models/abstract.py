@@ -229,6 +229,8 @@ def frame(before: Model, after: Model, allowed: Allowed) -> list[str]:
             v.append(f"{p}: lost device data {b.data()} -> {a.data()} in a step that may not evict it")
         if (lost_host or lost_host_side) and not allowed.evict_host:
             v.append(f"{p}: lost host data {b.data()} -> {a.data()} in a step that may not evict it")
+        if p in before.pages and p not in after.pages and b.lock and not allowed.ops_finish:
+            v.append(f"{p}: deleted while locked ({b.lock} locks)")
         if lost_dev and ((b.lock and not allowed.ops_finish) or a.lock):
             v.append(f"{p}: lost device KV while locked ({b.lock} -> {a.lock})")
         if lost_host and ((b.host_ref and not allowed.ops_finish) or a.host_ref):

@@ -16,6 +16,8 @@ state before it and the figures the spec names (pool capacities):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from .abstract import Model, Prefix
 from .recency import Recency
 
@@ -161,16 +163,21 @@ def tombstone(m: Model, p: Prefix) -> bool:
     return not (g.dev or g.host)
 
 
-def cascade_errors(before: Model, after: Model) -> list[str]:
+def cascade_errors(before: Model, after: Model, failed: Iterable[int] = ()) -> list[str]:
     """A childless tombstone that no lock, reference or operation holds is deleted at once when a
-    deletion leaves one (the cascade goes on upward). (Not checked elsewhere: a terminated prefetch
-    may leave one, what arrived joining the tree without the state its end lacks, and so may a
-    successful backup of a node whose state went while it ran.)"""
+    deletion leaves one (the cascade goes on upward), and so is each node of a backup or load-back
+    that failed (`failed`: ids of operations a part of which failed), which gives back what the
+    node held for it. (Not checked elsewhere: a terminated prefetch may leave one, what arrived
+    joining the tree without the state its end lacks, and so may a successful backup of a node
+    whose state went while it ran.)"""
     ps = before.page_size
     gone = {p for p in before.pages if p not in after.pages}
+    failed = set(failed)
+    released = {p for i, op in before.ops.items() if i not in after.ops and i in failed
+                and op.kind in ("backup", "load") for p in op.pages}
     held = after.busy() | {op.anchor for op in after.ops.values() if op.anchor}
     v = []
-    for q in sorted({t[:-ps] for t in gone}):
+    for q in sorted({t[:-ps] for t in gone} | released):  # (pages with children are skipped)
         if not q or q not in after.pages or q in held or after.children(q):
             continue
         g = after.pages[q]

@@ -59,7 +59,7 @@ from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import FileStorage, MemoryStorage
 from refcache.transfer import PartStatus
 
-from . import l3_records
+from . import geometries, l3_records
 from .data_oracle import data_errors, geometry, served_ok, write_request, write_state
 from .peer_ranks import PeerRanks, PeerView
 
@@ -186,6 +186,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.settled: list[tuple[int, str]] = []  # (op id, part) the driver completed or failed
         self.driver_tokens = 0  # L1 slots the driver holds across a step (allocated, not inserted)
         self._misuse_turn = zlib.crc32(repr(sorted(self.CONFIG.items())).encode()) % len(MISUSE_KINDS)
+        self._geometry_turn = self._misuse_turn % len(geometries.GEOMETRIES)
         self.demoting: set[int] = set()  # write-back backups an eviction started (their node goes when they land)
         self.get_faults = False  # a read fault was armed: a read may miss a page L3 holds
         self.log: list[str] = []
@@ -222,7 +223,7 @@ class CacheMachine(RuleBasedStateMachine):
             errs += check(self.model, after)
         errs += data_errors(self.cache, snap)
         errs += effects.size_errors(after, snap.sizes)
-        errs += effects.cascade_errors(self.model, after)
+        errs += effects.cascade_errors(self.model, after, self.failed_ops)
         self.rec.keep(after.pages)
         self._l3_tick(after)
         op = what.split()[0]
@@ -414,6 +415,15 @@ class CacheMachine(RuleBasedStateMachine):
         m = self._match(tokens + [t for p in extra for t in p], form, tail)
         return multiple(*{n.id: n for n in (m.best_match_node, m.last_host_node, m.last_device_node)
                           if n.parent is not None}.values())
+
+    @precondition(lambda self: self.cache.nodes())
+    @rule(target=nodes, i=st.integers(0, 15))
+    def any_node(self, i):
+        """Any node of the tree, not only those a match returns: an inner node a split made, one whose
+        sidecar state went, a host-only one. A caller may hold on to a node that later becomes any
+        of these, and the rules that take a node must hold for each."""
+        ns = sorted(self.cache.nodes(), key=node_prefix)
+        return ns[i % len(ns)]
 
     @rule(node=nodes)
     def lock(self, node):
@@ -649,6 +659,19 @@ class CacheMachine(RuleBasedStateMachine):
     def _free_owned(self, bend) -> None:
         """Free `bend` applied to one page this caller owns."""
         self._misuse_owned(PS, bend, self.cache.free_device, "free_device")
+
+    @rule()
+    def other_geometry(self):
+        """A scratch cache of another geometry (page size 1 or 3, threshold 0 or 1, a request past
+        256 tokens and pages), the machine's components and policies, round-trips a request
+        through every tier as predicted (stateful_tests/geometries.py). The geometries come in turn,
+        so a short run reaches every one; each runs once per process. This machine's cache is left alone."""
+        self._geometry_turn += 1
+        geo = geometries.GEOMETRIES[self._geometry_turn % len(geometries.GEOMETRIES)]
+        errs = geometries.round_trip_once(self.cache.config, *geo)
+        self._expect(not errs, "; ".join(errs))
+        self._step(f"other_geometry page size {geo[0]}, threshold {geo[1]}, {geo[2]} pages", Allowed(),
+                   lambda b, a: same_data(b, a))
 
     @rule(tokens=requests, kind=st.sampled_from(["default_cache", "alloc_nothing", "empty_insert", "other_sidecar"]))
     def user_edges(self, tokens, kind):
@@ -1303,11 +1326,31 @@ class CacheMachine(RuleBasedStateMachine):
             ex.complete(op.id, part)
             self.settled.append((op.id, part))
         if parts:
-            self._step(f"complete {len(parts)} pages of prefetch {rid}", Allowed())
+            landed = self._transfers_land([(op.id, p) for p in parts])
+            self._step(f"complete {len(parts)} pages of prefetch {rid}", Allowed(), lambda b, a: landed)
         for _ in range(n):
             if rid not in self.prefetching:
                 break
             self.progress(sorted(self.prefetching).index(rid))
+
+    def _transfers_land(self, parts) -> list[str]:
+        """Required effect of the driver completing an L3 transfer's page: with no read fault ever
+        armed, a page of a prefetch still waited on that the model is sure L3 holds must arrive; with
+        no write fault or hole ever, a store's page must be written (its part DONE, not FAILED)."""
+        ex, waited = self.cache.executor, {v[0].id for v in self.prefetching.values()}
+        v = []
+        for op_id, part in parts:
+            a, pages = self.model.ops.get(op_id), self.l3_ops.get(op_id)
+            if a is None or pages is None or not part.startswith("page:") or ex.status(op_id).get(part) is not \
+                    PartStatus.FAILED:
+                continue
+            p = pages[int(part.removeprefix("page:"))] if a.kind == "prefetch" else None
+            if a.kind == "prefetch" and op_id in waited and not self.get_faults and self.l3.certain(p):
+                v.append(f"prefetch op {op_id} {part}: L3 holds {p} by the model and no read fault was armed, "
+                         "but its read failed")
+            elif a.kind == "store" and not self.put_faults:
+                v.append(f"store op {op_id} {part}: no write fault was armed, but the write failed")
+        return v
 
     @precondition(lambda self: self.prefetching)
     @rule(i=st.integers(0, 7))
@@ -1327,7 +1370,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.settled.append((op_id, part))
         if fail:
             self.failed_ops.add(op_id)
-        self._step(f"{'fail' if fail else 'complete'} op {op_id} {part}", Allowed())
+        landed = [] if fail else self._transfers_land([(op_id, part)])
+        self._step(f"{'fail' if fail else 'complete'} op {op_id} {part}", Allowed(), lambda b, a: landed)
 
     @precondition(lambda self: self.settled)
     @rule(i=st.integers(0, 7), how=st.sampled_from(["complete", "fail", "unknown_part", "unknown_op"]))
@@ -1357,10 +1401,11 @@ class CacheMachine(RuleBasedStateMachine):
         ex = self.cache.executor
         ids = sorted({op_id for op_id, _ in ex.pending_parts()})
         op_id = ids[i % len(ids)]
-        for oid, part in ex.pending_parts():
-            if oid == op_id and not part.startswith("pool:"):
-                ex.complete(oid, part)
-        self._step(f"complete op {op_id} KV parts", Allowed())
+        done = [(oid, part) for oid, part in ex.pending_parts() if oid == op_id and not part.startswith("pool:")]
+        for oid, part in done:
+            ex.complete(oid, part)
+        landed = self._transfers_land(done)
+        self._step(f"complete op {op_id} KV parts", Allowed(), lambda b, a: landed)
 
     @precondition(lambda self: self.cache.executor.pending_parts())
     @rule(i=st.integers(0, 7))
@@ -1368,19 +1413,23 @@ class CacheMachine(RuleBasedStateMachine):
         ex = self.cache.executor
         ids = sorted({op_id for op_id, _ in ex.pending_parts()})
         op_id = ids[i % len(ids)]
+        done = [(o, p) for o, p in ex.pending_parts() if o == op_id]
         ex.complete(op_id)
         self._expect(all(o != op_id for o, _ in ex.pending_parts()), f"complete(op {op_id}) left parts pending")
         self.settled += [(op_id, p) for p in ex.status(op_id)]
-        self._step(f"complete op {op_id}", Allowed())
+        landed = self._transfers_land(done)
+        self._step(f"complete op {op_id}", Allowed(), lambda b, a: landed)
 
     @precondition(lambda self: self.cache.ops)
     @rule()
     def settle(self):
         """Complete every pending part, then poll (the common case of a quiet moment)."""
         ex = self.cache.executor
-        for op_id, part in ex.pending_parts():
+        done = ex.pending_parts()
+        for op_id, part in done:
             ex.complete(op_id, part)
-        self._step("complete all", Allowed())
+        landed = self._transfers_land(done)
+        self._step("complete all", Allowed(), lambda b, a: landed)
         self.poll()
 
     @precondition(lambda self: self.cache.ops)
@@ -1477,7 +1526,12 @@ class CacheMachine(RuleBasedStateMachine):
     @invariant()
     def model_agrees(self):
         """The model's own counts: locks as this driver holds them, references as ops hold them.
-        (The step-by-step agreement with the model is checked in `_step`.)"""
+        (The step-by-step agreement with the model is checked in `_step`.) A node this driver holds a
+        lock on stays in the tree, whatever data it keeps (T2)."""
+        attached = {id(n) for n in self.cache.nodes()}
+        gone = [node_prefix(n) for n in self.held if id(n) not in attached]
+        if gone:
+            raise Disagreement(f"model: nodes this driver holds a lock on left the tree: {gone}")
         errs = self.model.wellformed(Counter(node_prefix(n) for n in self.held))
         if errs:
             raise Disagreement("model: " + "; ".join(errs))

@@ -1,0 +1,171 @@
+"""Geometries the machines' own cache never has: page sizes 1 and 3, prefetch thresholds 0 and 1,
+and requests longer than 256 tokens and pages.
+
+The machines run one small cache (page size 2, a few pages) so that Hypothesis reaches deep
+states fast. Arithmetic that only goes wrong elsewhere hides there: an offset OR-ed instead of
+added (equal when the page size is a power of two), lengths compared by identity (Python shares
+the int objects up to 256), a window counted one token off (visible only with one-token pages),
+a threshold floor of one page. `round_trip` drives a scratch cache of another geometry through
+every tier and back (insert, split, branch, backup, store to L3, eviction of both tiers, a
+peer's asynchronous L3 write and read, prefetch, load-back) and predicts each result from the
+request alone: lengths from the page count, bytes from `models.contents`, L3's size from its
+capacity. It returns what disagreed; the caller raises.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from models.contents import pages_kv
+from refcache import CacheConfig, HiCache
+from refcache.pages import ROOT_HASH, page_hashes
+from refcache.storage import MemoryStorage
+from refcache.transfer import DeterministicExecutor
+
+from .data_oracle import geometry, served_ok, write_request, write_state
+
+# (page size, prefetch threshold, pages): the long requests pass 256 tokens, and with one-token
+# pages 256 pages, L3 records and slots too
+GEOMETRIES = [(ps, threshold, pages) for ps, long in ((1, 260), (3, 90)) for threshold in (0, 1) for pages in (1, 5, long)]
+_DONE: dict[tuple, list[str]] = {}  # (configuration, geometry) -> what disagreed, per process
+
+
+def round_trip_once(base: CacheConfig, ps: int, threshold: int, pages: int) -> list[str]:
+    """`round_trip` with a fixed request, run once per process for each configuration and geometry:
+    the scratch cache is deterministic, so a second run would repeat the first (and cost the
+    machines a tenth of a second of search)."""
+    key = (repr(base), ps, threshold, pages)
+    if key not in _DONE:
+        _DONE[key] = round_trip(base, ps, threshold, pages, seed=1)
+    return _DONE[key]
+
+
+def _settle(cache: HiCache) -> None:
+    """Poll until no transfer is in flight (the scratch executor lands work at each poll)."""
+    for _ in range(8):
+        if not cache.ops:
+            return
+        cache.poll()
+
+
+def _request(seed: int, pages: int, ps: int) -> list[int]:
+    """A request of `pages` whole pages plus a partial page when pages are wider than a token.
+    Distinct tokens early on keep its prefix apart from the branch's."""
+    return [(seed * 7 + i // ps * 3 + i) % 11 + 1 for i in range(pages * ps + (ps > 1))]
+
+
+def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int) -> list[str]:
+    """Drive a scratch cache of page size `ps` (the machine's components and policies) through
+    every tier with a request of `pages` pages; what disagreed with the prediction."""
+    errs: list[str] = []
+
+    def expect(ok: bool, msg: str) -> None:
+        if not ok:
+            errs.append(f"page size {ps}, threshold {threshold}, {pages} pages: {msg}")
+
+    room = 2 * pages + 8  # pages of L1 (the request, its branch, slack) and of L2
+    cfg = replace(base, page_size=ps, device_tokens=room * ps, host_tokens=2 * room * ps, prefetch_threshold=threshold,
+                  swa_window=2 * ps, prefetch_timeout_steps=2, device="cpu", device_mamba_slots=4,
+                  host_mamba_slots=8, extra={**base.extra, "device_swa_tokens": room * ps} if base.has("swa") else base.extra)
+    page_shape = (cfg.num_layers, 2, ps, cfg.num_heads, cfg.head_dim)
+    l3_room = pages + pages // 2 + 1  # the request fits; the request plus a peer's does not
+    storage = MemoryStorage(l3_room, page_shape, cfg.dtype)
+    state_storage = MemoryStorage(8, (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
+    cache = HiCache(cfg, executor=DeterministicExecutor(auto_complete=True), storage=storage,
+                    state_storage=state_storage)
+    tokens = _request(seed, pages, ps)
+    whole = len(tokens) // ps * ps  # the partial last page is never cached
+
+    # insert, then match the whole request: every page on L1, with the bytes of this prefix
+    idx = write_request(cache, tokens[:whole])
+    cache.insert(tokens[:whole], idx, write_state(cache, tokens[:whole]) if cfg.has("mamba") else None)
+    m = cache.match_prefix(tokens)
+    expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
+           f"a match after insert serves {m.device_len} of {whole} tokens, or the wrong bytes")
+
+    # a branch off the middle: the match splits the node there, the insert takes only the new pages
+    cut = (pages + 1) // 2 * ps
+    branch = tokens[:cut] + [t + 11 for t in tokens[cut:whole]]
+    m = cache.match_prefix(branch)
+    shared = 0 if cfg.has("mamba") and cut < whole else cut  # a mamba match ends where a state is: none at the cut
+    expect(m.device_len == shared,
+           f"a match of a branch off page {cut // ps} serves {m.device_len} tokens, not {shared}")
+    bidx = write_request(cache, branch)
+    got = cache.insert(branch, bidx, write_state(cache, branch) if cfg.has("mamba") else None)
+    expect(got.cached_len == cut, f"inserting the branch reports {got.cached_len} cached tokens, not {cut}")
+    cache.free_device(bidx[: got.cached_len])  # the duplicate slots stay the caller's to free
+    m = cache.match_prefix(branch)
+    expect(m.device_len == whole and served_ok(cache, branch, m.device_indices),
+           f"a match of the inserted branch serves {m.device_len} of {whole} tokens, or the wrong bytes")
+
+    # a peer's asynchronous L3 write of the branch, read back whole; L3 is then refilled by the cache
+    hashes = page_hashes(ROOT_HASH, branch[:whole], ps)
+    put = storage.start_put(hashes, list(pages_kv(tuple(branch[:whole]), geometry(cache))))
+    expect(put.poll() and put.result() == [True] * pages, f"a peer's write of {pages} pages stored {put.result()}")
+    get = storage.start_get(hashes)
+    expect(get.poll() and get.hit_length() == pages, f"a peer's read of {pages} stored pages hit {get.hit_length()}")
+
+    # back the request up to L2, then to L3, every node of its path
+    for n in _path(cache, tokens):
+        cache.write_backup(n)
+        _settle(cache)
+        cache.write_backup_storage(n)
+        _settle(cache)
+    written = 2 * pages - cut // ps  # the branch and the request share their first pages
+    expect(len(storage) == min(written, l3_room),
+           f"L3 of room {l3_room} holds {len(storage)} pages after {written} distinct ones were written")
+
+    # evict both tiers: nothing of the request stays in the tree
+    for _ in range(4):
+        cache.evict(cfg.device_tokens)
+        _settle(cache)
+        cache.evict_host(cfg.host_tokens)
+        _settle(cache)
+    m = cache.match_prefix(tokens)
+    expect(m.device_len == 0 and m.last_host_node is cache.root,
+           f"after evicting both tiers a match still finds {m.device_len} tokens on L1 or an L2 node")
+
+    # nothing of an unseen request is in L3: a prefetch of it fetches nothing, whatever the threshold
+    expect(cache.prefetch("unseen", cache.root, [t + 40 for t in tokens]) is None,
+           "a prefetch of a request L3 never held started")
+    # prefetch the request from L3 (a threshold of 0 or 1 token never stops a whole page)
+    op = cache.prefetch("req", cache.root, tokens)
+    fetched = 0 if op is None else len(op.prefetch.key)
+    expect(fetched == whole, f"a prefetch of a request L3 holds whole fetches {fetched} of {whole} tokens")
+    if op is not None:
+        done = False
+        for _ in range(4):
+            _settle(cache)
+            if cache.prefetch_progress("req"):
+                done = True
+                break
+        expect(done, "a prefetch whose pages all landed never lets its request stop waiting")
+    m = cache.match_prefix(tokens)
+    end = m.best_match_node
+    expect(_length(end) == whole, f"after the prefetch a match reaches {_length(end)} of {whole} tokens")
+    if end is not cache.root:
+        cache.load_back(end)
+        _settle(cache)
+    m = cache.match_prefix(tokens)
+    expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
+           f"after load-back a match serves {m.device_len} of {whole} tokens, or the wrong bytes")
+    expect(not cache.check_invariants(check_data=False), f"invariants: {cache.check_invariants()[:2]}")
+    return errs
+
+
+def _path(cache: HiCache, tokens: list[int]) -> list:
+    """The nodes from the root's child to the end of the cached prefix of `tokens`."""
+    node, out = cache.match_prefix(tokens).last_device_node, []
+    while node is not cache.root:
+        out.append(node)
+        node = node.parent
+    return out[::-1]
+
+
+def _length(node) -> int:
+    """Tokens from the root to `node`, from the keys along its path."""
+    n = 0
+    while node.parent is not None:
+        n += len(node.key)
+        node = node.parent
+    return n
