@@ -759,7 +759,7 @@ def _one(args: argparse.Namespace, mutants: list[Mutant], settings: Settings, ro
         print(f"\ncampaign: {verdict or {'status': 'nothing found'}}")
         if verdict and verdict.get("program"):
             print("minimized steps:\n  " + "\n  ".join(verdict["program"]))
-        if verdict is None or args.all_checks:
+        if (verdict is None or args.all_checks) and settings.tests:  # (--no-tests: the campaign only)
             selector = TestSelector(_coverage_map(args, root))
             ids, source = selector.select(m)
             print(f"\nunit tests: {len(ids)} covering tests (from the {source}), fastest first")

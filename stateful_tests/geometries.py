@@ -83,8 +83,19 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
     expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
            f"a match after insert serves {m.device_len} of {whole} tokens, or the wrong bytes")
 
-    # a branch off the middle: the match splits the node there, the insert takes only the new pages
-    cut = (pages + 1) // 2 * ps
+    # the same request again: the tree already holds every page, so it takes none of the new slots
+    again = write_request(cache, tokens[:whole])
+    slot = write_state(cache, tokens[:whole]) if cfg.has("mamba") else None
+    got = cache.insert(tokens[:whole], again, slot)
+    expect(got.cached_len == whole and not got.mamba_slot_used,
+           f"re-inserting the request reports {got.cached_len} of {whole} tokens cached (state taken: "
+           f"{got.mamba_slot_used})")
+    cache.free_device(again[: got.cached_len])
+    if slot is not None and not got.mamba_slot_used:
+        cache.free_mamba(slot)
+
+    # a branch off near the end: the match splits the node there, the insert takes only the new pages
+    cut = (pages - 2 if pages > 4 else (pages + 1) // 2) * ps
     branch = tokens[:cut] + [t + 11 for t in tokens[cut:whole]]
     m = cache.match_prefix(branch)
     shared = 0 if cfg.has("mamba") and cut < whole else cut  # a mamba match ends where a state is: none at the cut
@@ -149,6 +160,25 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
     m = cache.match_prefix(tokens)
     expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
            f"after load-back a match serves {m.device_len} of {whole} tokens, or the wrong bytes")
+
+    # again from L3, but the request is recomputed while its prefetch is in flight: the run that
+    # arrives is already in the tree when the prefetch ends, and joins nothing twice
+    for _ in range(4):
+        cache.evict(cfg.device_tokens)
+        _settle(cache)
+        cache.evict_host(cfg.host_tokens)
+        _settle(cache)
+    op = cache.prefetch("again", cache.root, tokens)
+    idx = write_request(cache, tokens[:whole])
+    cache.insert(tokens[:whole], idx, write_state(cache, tokens[:whole]) if cfg.has("mamba") else None)
+    if op is not None:
+        for _ in range(4):
+            _settle(cache)
+            if cache.prefetch_progress("again"):
+                break
+    m = cache.match_prefix(tokens)
+    expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
+           f"after a recompute raced a prefetch a match serves {m.device_len} of {whole} tokens, or the wrong bytes")
     expect(not cache.check_invariants(check_data=False), f"invariants: {cache.check_invariants()[:2]}")
     return errs
 

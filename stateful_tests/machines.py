@@ -179,6 +179,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.put_faults = False  # a write fault or a hole: a stored page may read back as a miss
         self.stores: dict[int, tuple] = {}  # store op id -> (node prefix, its tokens, with a state)
         self.l3 = L3Model(L3_ROOM[self.STORAGE])  # what L3 holds, by the model's own account
+        self.l3_states = L3Model(L3_ROOM[self.STORAGE])  # the mamba states L3 holds (no fault reaches them)
+        self.l3_state_ops: dict[int, tuple] = {}  # op id -> the prefix whose state it reads or writes
         self.l3_ops: dict[int, list] = {}  # op id -> the L3 pages it reads or writes while in flight
         self.l3_held: list = []  # page lists of other instances' writes a "slow" fault may hold
         self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
@@ -739,11 +741,15 @@ class CacheMachine(RuleBasedStateMachine):
         try:
             p = node_prefix(node)
             want_none = self.model.pages[p].host or p in self.model.busy() if p in self.model.pages else None
+            room = self._host_state_room()
             op = self.cache.write_backup(node)
         except RefCacheError as e:
             return self._raised("backup", e)
-        self._step(f"backup {p} -> {op and op.id}", self._l2_room(),
-                   lambda b, a: [] if (op is None) == want_none else [f"backup returned {op}, model says None={want_none}"])
+        v = [] if (op is None) == want_none else [f"backup returned {op}, model says None={want_none}"]
+        if op is not None and self.model.pages[p].mamba and room > 0 and \
+                not any(part.startswith("pool:") for part in self.cache.executor.status(op.id)):
+            v.append(f"backup of {p}, whose state is on L1, carries no state although L2 has a state slot free")
+        self._step(f"backup {p} -> {op and op.id}", self._l2_room(), lambda b, a: v)
 
     @rule(tokens=requests)
     def load_back(self, tokens):
@@ -838,6 +844,7 @@ class CacheMachine(RuleBasedStateMachine):
         if self.state_storage is not None:
             self.l3_writes.append(self.state_storage.start_put(
                 hashes[-1:], [spec_state(tuple(tokens), c.mamba_state_dim, c.dtype).clone()]))
+            self.l3_states.write([tuple(tokens)])  # no fault reaches state writes: it lands at its first poll
         self.l3_writes = [w for w in self.l3_writes if not w.poll()]
         pages = self.model.page_prefixes(tokens)
         self.l3.write(pages)  # (uncertain once a write fault was armed: a "slow" one holds it for later)
@@ -929,6 +936,7 @@ class CacheMachine(RuleBasedStateMachine):
             self.state_storage = self.cache.state_storage = self._open_storage(
                 "state", (cfg.mamba_state_dim,), cfg.dtype)
         self.l3.reopened()
+        self.l3_states.reopened()
         self._step("reopen_storage", Allowed())
 
     @rule(node=nodes)
@@ -946,6 +954,9 @@ class CacheMachine(RuleBasedStateMachine):
             self.stores[op.id] = (p, len(node.key), node.mamba_host is not None)
             self.l3_ops[op.id] = [p[:e] for e in range(len(p) - len(node.key) + PS, len(p) + 1, PS)]
             self.l3.write(self.l3_ops[op.id], landed=False)
+            if node.mamba_host is not None and self.state_storage is not None:
+                self.l3_state_ops[op.id] = p
+                self.l3_states.write([p], landed=False)
         self._step(f"store {p} -> {op and op.id}", Allowed())
 
     def _stored_errors(self, prefix, n_tokens: int, with_state: bool) -> list[str]:
@@ -969,6 +980,7 @@ class CacheMachine(RuleBasedStateMachine):
                     v.append(f"D1: L3 page of {prefix[:end]} does not hold the bytes of this prefix")
             if with_state and self.state_storage is not None:
                 got = self.state_storage.get(hashes[-1])
+                self.l3_states.read_back(tuple(prefix), got is not None)
                 if got is None and self.l3_dir is None:  # (no fault touches a roomy in-memory state L3)
                     v.append(f"store of {prefix} with its state completed but L3 lacks the state under its last page")
                 elif got is not None and not torch.equal(got, spec_state(tuple(prefix), c.mamba_state_dim, c.dtype)):
@@ -1204,16 +1216,42 @@ class CacheMachine(RuleBasedStateMachine):
         rid = f"req{next(self._rids)}"
         op = c.prefetch(rid, m.last_host_node, tokens[len(anchor):] + list(tail))
         got = len(op.prefetch.key) if op is not None else 0
+        state_errs = []
         if op is not None:
             self.prefetching[rid] = (op, anchor, op.prefetch.key, self.time + c.config.prefetch_timeout_steps)
             self.staging[op.id] = got
             self.l3_ops[op.id] = pages[: got // PS]
             self.l3.read(pages[: got // PS])
+            state_errs = self._state_fetch_errors(op, tuple(tokens[: len(anchor) + got]))
         held = f"{lo}" if lo == hi else f"{lo} to {hi}"
         self._step(f"prefetch {rid} {tokens[len(anchor):] + list(tail)} after {list(anchor)} -> {got} tokens", self._l2_room(),
-                   lambda b, a: [] if want[0] <= got <= want[1] else [
+                   lambda b, a: state_errs + ([] if want[0] <= got <= want[1] else [
                        f"prefetch fetches {got} tokens; by the model L3 holds {held} tokens past the anchor and "
-                       f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"])
+                       f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"]))
+
+    def _host_state_room(self) -> int:
+        """L2 mamba slots surely free, by the model's own count: L2's state slots less the states L2
+        holds and one for each backup or prefetch in flight (each holds at most one)."""
+        m = self.model
+        return self.cache.config.host_mamba_slots - sum(g.mamba_host for g in m.pages.values()) - sum(
+            o.kind in ("backup", "prefetch") for o in m.ops.values())
+
+    def _state_fetch_errors(self, op, end: tuple) -> list[str]:
+        """A mamba prefetch fetches the state of the run's end exactly when L3 may hold it: never one
+        L3 never held, and always one L3 is sure to hold while L2 has a state slot free without
+        eviction (its size less the states L2 holds and one per backup or prefetch in flight)."""
+        if self.state_storage is None:
+            return []
+        fetches = any(p.startswith("pool:") for p in self.cache.executor.status(op.id))
+        if fetches:
+            self.l3_state_ops[op.id] = end
+            self.l3_states.read([end])
+        room = self._host_state_room()
+        if fetches and end not in self.l3_states.sure | self.l3_states.maybe:
+            return [f"the prefetch fetches the state of {end}, which L3 never held"]
+        if not fetches and room > 0 and self.l3_states.certain(end):
+            return [f"L3 holds the state of {end} and L2 has a state slot free, but the prefetch fetches no state"]
+        return []
 
     def _free_device(self) -> int:
         """Free L1 KV tokens by the model's own count: L1's size less the pages L1 holds, the pages
@@ -1236,6 +1274,9 @@ class CacheMachine(RuleBasedStateMachine):
         for i in [i for i in self.staging if i not in after.ops]:
             del self.staging[i]
         self.l3.tick(ended + [p for pages in self.l3_ops.values() for p in pages])
+        for i in [i for i in self.l3_state_ops if i not in after.ops]:
+            self.l3_states.tick([self.l3_state_ops.pop(i)])
+        self.l3_states.tick(list(self.l3_state_ops.values()))
         for i, pages in self.l3_ops.items():
             if i in self.staging:
                 self.l3.read(pages)
@@ -1286,6 +1327,11 @@ class CacheMachine(RuleBasedStateMachine):
             if done and not pool_pending and len(op.prefetch.key) != PS * len(got):
                 v.append(f"terminated prefetch {rid} reports {len(op.prefetch.key)} tokens fetched; "
                          f"{PS * len(got)} arrived and joined the tree")
+            swa = self.model.sidecar == "swa"  # pages the run brings to L2 have their SWA there exactly with SWA
+            v += [f"{p}: came to L2 from L3 with swa_host={a.pages[p].swa_host} on a cache "
+                  f"{'with' if swa else 'without'} SWA" for p in got
+                  if not (p in b.pages and b.pages[p].host) and p in a.pages and a.pages[p].host
+                  and a.pages[p].swa_host != swa]
             end = got[-1] if got else None
             if (end and arrived == n_kv and state_done and a.pages.get(end, Page(False, False)).host
                     and not a.pages[end].mamba_host):
@@ -1335,14 +1381,21 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _transfers_land(self, parts) -> list[str]:
         """Required effect of the driver completing an L3 transfer's page: with no read fault ever
-        armed, a page of a prefetch still waited on that the model is sure L3 holds must arrive; with
-        no write fault or hole ever, a store's page must be written (its part DONE, not FAILED)."""
+        armed, a page of a prefetch still waited on that the model is sure L3 holds must arrive, and so
+        must its state; with no write fault or hole ever, a store's page must be written (its part
+        DONE, not FAILED)."""
         ex, waited = self.cache.executor, {v[0].id for v in self.prefetching.values()}
         v = []
         for op_id, part in parts:
             a, pages = self.model.ops.get(op_id), self.l3_ops.get(op_id)
-            if a is None or pages is None or not part.startswith("page:") or ex.status(op_id).get(part) is not \
-                    PartStatus.FAILED:
+            if a is None or pages is None or ex.status(op_id).get(part) is not PartStatus.FAILED:
+                continue
+            if part.startswith("pool:") and a.kind == "prefetch" and op_id in waited and \
+                    self.l3_states.certain(self.l3_state_ops.get(op_id, ())):
+                v.append(f"prefetch op {op_id} {part}: L3 holds the state of {self.l3_state_ops[op_id]} by the model, "
+                         "but its read failed")
+                continue
+            if not part.startswith("page:"):
                 continue
             p = pages[int(part.removeprefix("page:"))] if a.kind == "prefetch" else None
             if a.kind == "prefetch" and op_id in waited and not self.get_faults and self.l3.certain(p):
