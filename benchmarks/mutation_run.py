@@ -183,7 +183,11 @@ class Child:
             self.pid = pid
         else:
             out = open(self.log, "wb") if self.log is not None else None  # noqa: SIM115 - the child owns it
-            env = {**os.environ, "PYTHONPATH": str(self.sandbox), "PYTHONDONTWRITEBYTECODE": "1"}
+            # the sandbox first; other entries of the caller's PYTHONPATH (a --target install of the
+            # tools) stay, the repository's own does not (it would shadow the mutant)
+            kept = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                    if p and os.path.realpath(p) != os.path.realpath(REPO)]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.sandbox), *kept]), "PYTHONDONTWRITEBYTECODE": "1"}
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.mutation_child", json.dumps(req), str(w)], cwd=self.sandbox,
                 pass_fds=(w,), stdout=out, stderr=subprocess.STDOUT if out else None, env=env, start_new_session=True)
