@@ -68,7 +68,7 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
                   swa_window=2 * ps, prefetch_timeout_steps=2, device="cpu", device_mamba_slots=4,
                   host_mamba_slots=8, extra={**base.extra, "device_swa_tokens": room * ps} if base.has("swa") else base.extra)
     page_shape = (cfg.num_layers, 2, ps, cfg.num_heads, cfg.head_dim)
-    l3_room = pages + pages // 2 + 1  # the request fits; the request plus a peer's does not
+    l3_room = pages + 1  # the request fits; the request and the branch a peer wrote do not
     storage = MemoryStorage(l3_room, page_shape, cfg.dtype)
     state_storage = MemoryStorage(8, (cfg.mamba_state_dim,), cfg.dtype) if cfg.has("mamba") else None
     cache = HiCache(cfg, executor=DeterministicExecutor(auto_complete=True), storage=storage,

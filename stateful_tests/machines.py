@@ -1128,18 +1128,19 @@ class CacheMachine(RuleBasedStateMachine):
                      and idx.device == c.device_kv.allocator.index_device, f"alloc_device(0) gave {idx!r}")
         self._step("alloc_device(0)", Allowed(), lambda b, a: same_data(b, a))
 
-    @rule(kind=st.sampled_from(["unreadable", "vanished", "blocked", "fifo", "write_failed", "write_cancelled"]))
+    @rule(kind=st.sampled_from(["unreadable", "vanished", "blocked", "fifo", "lru", "write_failed", "write_cancelled"]))
     def storage_trouble(self, kind):
         """A file backend under real OS trouble, and the results a backend owes its callers, on a
         scratch backend: a page file that cannot be read is a StorageIOError, a page file that
         vanished is a miss that drops it, a write blocked by the file system is a StorageIOError
-        that leaves no temp file and stores nothing; FIFO eviction ignores reads; a write that
+        that leaves no temp file and stores nothing; FIFO eviction ignores reads, LRU eviction counts them; a write that
         failed or was cancelled reports False for every page it did not store."""
         dtype, shape = self.storage.dtype, (2, 4)
         a, b = torch.ones(shape, dtype=dtype), torch.full(shape, 2.0, dtype=dtype)
         d = tempfile.mkdtemp(prefix="refcache-l3-trouble-")
         try:
-            fs = FileStorage(d, shape, dtype, capacity_pages=2, policy="fifo" if kind == "fifo" else "lru", fsync=False)
+            policy = "".join(kind if kind == "fifo" else "lru")  # built at run time, as configuration hands it over
+            fs = FileStorage(d, shape, dtype, capacity_pages=2, policy=policy, fsync=False)
             fs.put(1, a)
             if kind == "unreadable":  # a symbolic link to itself: open() fails with ELOOP, even for root
                 os.unlink(fs.path(1))
@@ -1166,6 +1167,11 @@ class CacheMachine(RuleBasedStateMachine):
                 fs.get(1)
                 fs.put(3, a)
                 self._expect(1 not in fs and 2 in fs and 3 in fs, f"FIFO kept {sorted(fs._index)}")
+            elif kind == "lru":  # put 1, put 2, read 1, put 3: the read made 2 the least recently used
+                fs.put(2, b)
+                fs.get(1)
+                fs.put(3, a)
+                self._expect(1 in fs and 2 not in fs and 3 in fs, f"LRU kept {sorted(fs._index)} after 1 was read")
             else:
                 if kind == "write_failed":
                     fs.faults.inject("io_error", "put", h=2)
