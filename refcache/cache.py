@@ -211,7 +211,12 @@ class HiCache(PrefetchMixin):
         for n in path:
             n.last_access = now
             n.hit_count += 1
-        self._maybe_backup_selective(path)
+        if path:  # a backup's room in L2 must not come from the host-only end of the path being matched
+            self._add_host_ref(path[-1], +1)
+            try:
+                self._maybe_backup_selective(path)
+            finally:
+                self._add_host_ref(path[-1], -1)
         last_dev = last_host = best = self.root
         for n in path:
             last_host = n

@@ -402,7 +402,9 @@ class CacheMachine(RuleBasedStateMachine):
                 v.append("last_device_node does not end the device match")
             if not served_ok(self.cache, tokens, m.device_indices):
                 v.append("D1: match served device pages that do not hold the bytes of the prefix")
-            return v + effects.backup_errors(b, a, due, free_host) + effects.spurious_backups(b, a, may)
+            # (a backup the match starts makes L2 room, but never from the path it matched)
+            return v + effects.backup_errors(b, a, due, free_host, tuple(tokens)[: want[1]]) + \
+                effects.spurious_backups(b, a, may)
 
         # only selective write-through acts on a match (a backup, which may make L2 room and locks
         # its node); otherwise a match changes no data and no lock

@@ -17,6 +17,14 @@ again: a page whose L3 file was forged after a failed write had dropped it from 
 driver's own read missed it (the index lacked it), and the L3 model then forgot that the forged
 file was still on disk; a restart indexed it and the prefetch counted it (its read later rejects
 the record). The model now keeps a missed forged page as one a restart may index again.
+
+A fourth, from the README's own `refcache verify` (2 workers, 300 s, 2026-12-03), was a real bug in
+refcache: under selective write-through, a match that makes a node due for backup makes room in L2
+for it by host eviction, and that eviction could take the host-only end of the very path being
+matched. The match then returned the deleted node as its last_host_node and best_match_node (the
+same shape as a node deleted while the host tier still references it). The match now holds a host
+reference on its path while the backup makes room; the model's backup-liveness rule leaves that
+path out of the room it counts.
 """
 
 from __future__ import annotations
@@ -58,6 +66,24 @@ FINDINGS = {
         "state.peer_read(cancel=False, i=0)",  # a miss: the index lacks it, the file stays
         "state.reopen_storage()",  # the restart indexes the forged file
         "state.prefetch(extra=[(3, 3)], tail=(), tokens=requests_2)",  # counts it: both pages
+    ]),
+    "selective_backup_evicts_the_matched_path": ("full/write_through_selective", [
+        "requests_0 = state.first_request(tokens=[1, 1])",
+        "state.evict(n=2)",
+        "requests_1 = state.seed_storage(extra=[(1, 1), (3, 3)], keep=1, tokens=requests_0)",
+        "state.prefetch_seeded(extra=[(1, 1)], i=0)",
+        "state.prefetch_and_wait(i=0, k=0)",
+        "state.prefetch_seeded(extra=[], i=0)",
+        "requests_2 = state.insert_new(tokens=[2, 2])",
+        "(nodes_0,) = state.match(extra=[], form='list', tail=(1,), tokens=requests_2)",
+        "state.backup(node=nodes_0)",
+        "requests_3 = state.insert_new(tokens=[1, 1, 1, 1])",
+        "state.wait_prefetch(i=1, k=3, n=1)",
+        "(nodes_1,) = state.match(extra=[], form='list', tail=(), tokens=requests_3)",
+        "state.evict(n=1000000)",
+        "state.prefetch_seeded(extra=[], i=0)",
+        "state.insert(tokens=requests_3)",
+        "state.prefetch_and_wait(i=0, k=0)",  # its match makes [1, 1, 1, 1] due; room came from [.., 3, 3]
     ]),
 }
 
