@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
+
 from models.contents import pages_kv
-from refcache import CacheConfig, HiCache
+from refcache import CacheConfig, HiCache, InvalidIndicesError
 from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import MemoryStorage
 from refcache.transfer import DeterministicExecutor
@@ -180,7 +182,27 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
     expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
            f"after a recompute raced a prefetch a match serves {m.device_len} of {whole} tokens, or the wrong bytes")
     expect(not cache.check_invariants(check_data=False), f"invariants: {cache.check_invariants()[:2]}")
+    _refusals(cache, expect)
     return errs
+
+
+def _refusals(cache: HiCache, expect) -> None:
+    """Caller mistakes at this page size: a freed page with two slots swapped, and a page past the
+    pool, are refused naming that page (its slots, or its first slot), and nothing is freed."""
+    ps, size = cache.page_size, cache.config.device_tokens
+    own = cache.alloc_device(2 * ps, evict=False)
+    bent = own.clone()
+    if ps > 1:  # (a one-token page cannot be bent)
+        bent[ps], bent[ps + 1] = own[ps + 1], own[ps]
+    past = torch.cat([own[:ps], torch.arange(size + 2 * ps, size + 3 * ps, dtype=own.dtype)])
+    cases = ([(bent, str(bent[ps:].tolist()))] if ps > 1 else []) + [(past, f"slot {size + 2 * ps} ")]
+    for slots, says in cases:
+        try:
+            cache.free_device(slots)
+            expect(False, f"free_device({slots.tolist()}) was not refused")
+        except InvalidIndicesError as e:
+            expect(says in str(e), f"free_device({slots.tolist()}) was refused with {e!r}, which does not name {says}")
+    cache.free_device(own)  # still the caller's: raises if a refusal freed any of it
 
 
 def _path(cache: HiCache, tokens: list[int]) -> list:
