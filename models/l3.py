@@ -71,10 +71,9 @@ class L3Model:
         miss on a forged page leaves it forged: the file stays when the index lacked it, and a
         restart may index it again."""
         self._touch(p)
-        if present:
-            self.corrupt.discard(p)
         self.maybe.discard(p)
         if present:
+            self.corrupt.discard(p)
             self.sure.add(p)
             self.refreshed[p] = self.clock
         else:

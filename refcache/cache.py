@@ -211,12 +211,7 @@ class HiCache(PrefetchMixin):
         for n in path:
             n.last_access = now
             n.hit_count += 1
-        if path:  # a backup's room in L2 must not come from the host-only end of the path being matched
-            self._add_host_ref(path[-1], +1)
-            try:
-                self._maybe_backup_selective(path)
-            finally:
-                self._add_host_ref(path[-1], -1)
+        self._maybe_backup_selective(path, keep=path[-1] if path else None)
         last_dev = last_host = best = self.root
         for n in path:
             last_host = n
@@ -695,11 +690,22 @@ class HiCache(PrefetchMixin):
         except PoolExhaustedError:
             return False
 
-    def _maybe_backup_selective(self, nodes: list[TreeNode]) -> None:
-        if self.config.write_policy is WritePolicy.WRITE_THROUGH_SELECTIVE:
-            for n in nodes:
-                if n.hit_count >= self.config.backup_after_hits:
-                    self._try_backup(n)
+    def _maybe_backup_selective(self, nodes: list[TreeNode], keep: TreeNode | None = None) -> None:
+        """Back up the `nodes` hit often enough (selective write-through). `keep`, the end of a path
+        being matched, holds a host reference meanwhile: their room in L2 must not come from it."""
+        if self.config.write_policy is not WritePolicy.WRITE_THROUGH_SELECTIVE:
+            return
+        due = [n for n in nodes if n.hit_count >= self.config.backup_after_hits]
+        if not due:
+            return
+        if keep is not None:
+            self._add_host_ref(keep, +1)
+        try:
+            for n in due:
+                self._try_backup(n)
+        finally:
+            if keep is not None:
+                self._add_host_ref(keep, -1)
 
     def _start_backup(self, node: TreeNode, demote: bool) -> Operation | None:
         if node.host_value is not None or node.id in self._busy:

@@ -50,6 +50,24 @@ def _settle(cache: HiCache) -> None:
         cache.poll()
 
 
+def _evict_both_tiers(cache: HiCache) -> None:
+    """Evict all of L1 and L2, settling the backups and demotions eviction starts (write-back)."""
+    for _ in range(4):
+        cache.evict(cache.config.device_tokens)
+        _settle(cache)
+        cache.evict_host(cache.config.host_tokens)
+        _settle(cache)
+
+
+def _until_done(cache: HiCache, request_id: str) -> bool:
+    """Land the prefetch's transfers and ask for progress until the request may stop waiting."""
+    for _ in range(4):
+        _settle(cache)
+        if cache.prefetch_progress(request_id):
+            return True
+    return False
+
+
 def _request(seed: int, pages: int, ps: int) -> list[int]:
     """A request of `pages` whole pages plus a partial page when pages are wider than a token.
     Distinct tokens early on keep its prefix apart from the branch's."""
@@ -129,11 +147,7 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
            f"L3 of room {l3_room} holds {len(storage)} pages after {written} distinct ones were written")
 
     # evict both tiers: nothing of the request stays in the tree
-    for _ in range(4):
-        cache.evict(cfg.device_tokens)
-        _settle(cache)
-        cache.evict_host(cfg.host_tokens)
-        _settle(cache)
+    _evict_both_tiers(cache)
     m = cache.match_prefix(tokens)
     expect(m.device_len == 0 and m.last_host_node is cache.root,
            f"after evicting both tiers a match still finds {m.device_len} tokens on L1 or an L2 node")
@@ -146,13 +160,7 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
     fetched = 0 if op is None else len(op.prefetch.key)
     expect(fetched == whole, f"a prefetch of a request L3 holds whole fetches {fetched} of {whole} tokens")
     if op is not None:
-        done = False
-        for _ in range(4):
-            _settle(cache)
-            if cache.prefetch_progress("req"):
-                done = True
-                break
-        expect(done, "a prefetch whose pages all landed never lets its request stop waiting")
+        expect(_until_done(cache, "req"), "a prefetch whose pages all landed never lets its request stop waiting")
     m = cache.match_prefix(tokens)
     end = m.best_match_node
     expect(_length(end) == whole, f"after the prefetch a match reaches {_length(end)} of {whole} tokens")
@@ -165,19 +173,12 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
 
     # again from L3, but the request is recomputed while its prefetch is in flight: the run that
     # arrives is already in the tree when the prefetch ends, and joins nothing twice
-    for _ in range(4):
-        cache.evict(cfg.device_tokens)
-        _settle(cache)
-        cache.evict_host(cfg.host_tokens)
-        _settle(cache)
+    _evict_both_tiers(cache)
     op = cache.prefetch("again", cache.root, tokens)
     idx = write_request(cache, tokens[:whole])
     cache.insert(tokens[:whole], idx, write_state(cache, tokens[:whole]) if cfg.has("mamba") else None)
     if op is not None:
-        for _ in range(4):
-            _settle(cache)
-            if cache.prefetch_progress("again"):
-                break
+        _until_done(cache, "again")
     m = cache.match_prefix(tokens)
     expect(m.device_len == whole and served_ok(cache, tokens, m.device_indices),
            f"after a recompute raced a prefetch a match serves {m.device_len} of {whole} tokens, or the wrong bytes")

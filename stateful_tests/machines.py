@@ -748,8 +748,7 @@ class CacheMachine(RuleBasedStateMachine):
         except RefCacheError as e:
             return self._raised("backup", e)
         v = [] if (op is None) == want_none else [f"backup returned {op}, model says None={want_none}"]
-        if op is not None and self.model.pages[p].mamba and room > 0 and \
-                not any(part.startswith("pool:") for part in self.cache.executor.status(op.id)):
+        if op is not None and self.model.pages[p].mamba and room > 0 and not self._moves_state(op):
             v.append(f"backup of {p}, whose state is on L1, carries no state although L2 has a state slot free")
         self._step(f"backup {p} -> {op and op.id}", self._l2_room(), lambda b, a: v)
 
@@ -1237,6 +1236,10 @@ class CacheMachine(RuleBasedStateMachine):
                        f"prefetch fetches {got} tokens; by the model L3 holds {held} tokens past the anchor and "
                        f"L2 has {free} free, so it must fetch {want[0] if want[0] == want[1] else want}"]))
 
+    def _moves_state(self, op) -> bool:
+        """Whether `op` has a pool part (a mamba state transfer), by the parts its executor tracks."""
+        return any(part.startswith("pool:") for part in self.cache.executor.status(op.id))
+
     def _host_state_room(self) -> int:
         """L2 mamba slots surely free, by the model's own count: L2's state slots less the states L2
         holds and one for each backup or prefetch in flight (each holds at most one)."""
@@ -1246,11 +1249,10 @@ class CacheMachine(RuleBasedStateMachine):
 
     def _state_fetch_errors(self, op, end: tuple) -> list[str]:
         """A mamba prefetch fetches the state of the run's end exactly when L3 may hold it: never one
-        L3 never held, and always one L3 is sure to hold while L2 has a state slot free without
-        eviction (its size less the states L2 holds and one per backup or prefetch in flight)."""
+        L3 never held, and always one L3 is sure to hold while L2 surely has a state slot free."""
         if self.state_storage is None:
             return []
-        fetches = any(p.startswith("pool:") for p in self.cache.executor.status(op.id))
+        fetches = self._moves_state(op)
         if fetches:
             self.l3_state_ops[op.id] = end
             self.l3_states.read([end])
@@ -1376,16 +1378,20 @@ class CacheMachine(RuleBasedStateMachine):
         op, ex = self.prefetching[rid][0], self.cache.executor
         pending = [p for o, p in ex.pending_parts() if o == op.id and not p.startswith("pool:")]
         parts = pending[: min(k, len(pending) - 1) if keep_one else k]
-        for part in parts:
-            ex.complete(op.id, part)
-            self.settled.append((op.id, part))
+        self.settled += [(op.id, part) for part in parts]
         if parts:
-            landed = self._transfers_land([(op.id, p) for p in parts])
+            landed = self._complete([(op.id, p) for p in parts])
             self._step(f"complete {len(parts)} pages of prefetch {rid}", Allowed(), lambda b, a: landed)
         for _ in range(n):
             if rid not in self.prefetching:
                 break
             self.progress(sorted(self.prefetching).index(rid))
+
+    def _complete(self, parts) -> list[str]:
+        """Complete each (op id, part) in `parts`; what `_transfers_land` says of them."""
+        for op_id, part in parts:
+            self.cache.executor.complete(op_id, part)
+        return self._transfers_land(parts)
 
     def _transfers_land(self, parts) -> list[str]:
         """Required effect of the driver completing an L3 transfer's page: with no read fault ever
@@ -1462,10 +1468,7 @@ class CacheMachine(RuleBasedStateMachine):
         ex = self.cache.executor
         ids = sorted({op_id for op_id, _ in ex.pending_parts()})
         op_id = ids[i % len(ids)]
-        done = [(oid, part) for oid, part in ex.pending_parts() if oid == op_id and not part.startswith("pool:")]
-        for oid, part in done:
-            ex.complete(oid, part)
-        landed = self._transfers_land(done)
+        landed = self._complete([(o, part) for o, part in ex.pending_parts() if o == op_id and not part.startswith("pool:")])
         self._step(f"complete op {op_id} KV parts", Allowed(), lambda b, a: landed)
 
     @precondition(lambda self: self.cache.executor.pending_parts())
@@ -1485,11 +1488,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule()
     def settle(self):
         """Complete every pending part, then poll (the common case of a quiet moment)."""
-        ex = self.cache.executor
-        done = ex.pending_parts()
-        for op_id, part in done:
-            ex.complete(op_id, part)
-        landed = self._transfers_land(done)
+        landed = self._complete(self.cache.executor.pending_parts())
         self._step("complete all", Allowed(), lambda b, a: landed)
         self.poll()
 
@@ -1569,18 +1568,15 @@ class CacheMachine(RuleBasedStateMachine):
         """The cache's public judgement of each node as a match end (device, or any tier) and as a
         tombstone is the model's, at every node end (sidecar data is uniform within a node)."""
         c, m = self.cache, self.model
-        side = m.sidecar
         for n in c.nodes():
             p = node_prefix(n)
-            g = m.pages.get(p)
-            if g is None:
+            if p not in m.pages:
                 continue
             for tiers in (fresh("device"), fresh("any")):
                 if c.valid_end(n, tiers) != m.valid_end(p, tiers):
                     raise Disagreement(f"valid_end({p}, {tiers}) = {c.valid_end(n, tiers)}, the model says "
                                        f"{m.valid_end(p, tiers)}")
-            tomb = not (g.mamba or g.mamba_host) if side == "mamba" else not (g.swa or g.swa_host) \
-                if side == "swa" else not (g.dev or g.host)
+            tomb = effects.tombstone(m, p)
             if c.is_tombstone(n) != tomb:
                 raise Disagreement(f"is_tombstone({p}) = {c.is_tombstone(n)}, the model says {tomb}")
 
