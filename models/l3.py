@@ -6,6 +6,11 @@ that is still in flight, a record a read may have dropped, a corrupt file a rest
 absent. A prefetch's hit length is then bounded: at least the leading run of sure pages, at most
 the leading run of sure-or-maybe pages. Without faults and with room, the bounds meet.
 
+A restart that comes while a store is still writing leaves two writers on one directory: the old
+backend finishes the write into a file the new index does not list (the next restart finds it),
+and its own LRU may delete the file of any page the new index holds. The model then trusts no
+page it was sure of, and keeps such pages as ones a later restart may index.
+
 LRU, without following the backend's order: a page is safe from its backend's eviction while
 fewer than `capacity` other pages may have been touched (written or read) since it was last
 certainly written (or read back by the driver); reads in flight count as touches at every step.
@@ -31,6 +36,7 @@ class L3Model:
         self.put_faults = False  # a write fault was injected: any later write may be lost or torn
         self.get_tears = False  # a torn-read fault was injected: any later read may drop its record
         self.corrupt: set[Prefix] = set()  # records a read drops (forged files)
+        self.orphans: set[Prefix] = set()  # files a replaced backend may have written: a restart may index them
 
     # ----------------------------------------------------------------------------- events
     def tick(self, reading: Iterable[Prefix] = ()) -> None:
@@ -47,6 +53,7 @@ class L3Model:
                 self.sure.add(p)
                 self.maybe.discard(p)
                 self.corrupt.discard(p)
+                self.orphans.discard(p)
                 self.refreshed[p] = self.clock
             elif self.put_faults:  # a failed write drops the old record too
                 self._doubt(p)
@@ -58,6 +65,15 @@ class L3Model:
         fail, and a failed write drops the old record too."""
         for p in pages:
             self._doubt(p)
+
+    def stale_writes(self, pages: Iterable[Prefix]) -> None:
+        """Writes of `pages` are in flight through a backend a restart replaced: each may land in a
+        file the current index lacks, and the old backend's eviction may delete any file."""
+        for p in list(self.sure):
+            self._doubt(p)
+        for p in pages:
+            self._touch(p)
+            self.orphans.add(p)
 
     def read(self, pages: Iterable[Prefix]) -> None:
         """Pages a prefetch may read now or later (a read refreshes nothing the model relies on)."""
@@ -92,8 +108,8 @@ class L3Model:
 
     def reopened(self) -> None:
         """The backend rebuilt its index from its files: the LRU order among them is unknown, and
-        a forged file may be indexed again."""
-        self.maybe |= self.corrupt - self.sure
+        a forged file, or one a replaced backend wrote, may be indexed again."""
+        self.maybe |= (self.corrupt | self.orphans) - self.sure
         for p in self.sure | self.maybe:
             self._touch(p)
 

@@ -182,6 +182,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.l3_states = L3Model(L3_ROOM[self.STORAGE])  # the mamba states L3 holds (no fault reaches them)
         self.l3_state_ops: dict[int, tuple] = {}  # op id -> the prefix whose state it reads or writes
         self.l3_ops: dict[int, list] = {}  # op id -> the L3 pages it reads or writes while in flight
+        self.l3_stale: set[int] = set()  # store ops writing through a backend a restart replaced
         self.l3_held: list = []  # page lists of other instances' writes a "slow" fault may hold
         self.staging: dict[int, int] = {}  # prefetch op id -> L2 tokens it still owns (not in the tree)
         self.failed_ops: set[int] = set()  # operations the driver failed a part of
@@ -938,6 +939,8 @@ class CacheMachine(RuleBasedStateMachine):
                 "state", (cfg.mamba_state_dim,), cfg.dtype)
         self.l3.reopened()
         self.l3_states.reopened()
+        # stores in flight write on through the old backend: two writers on one directory
+        self.l3_stale |= {i for i in self.stores if i in self.l3_ops or i in self.l3_state_ops}
         self._step("reopen_storage", Allowed())
 
     @rule(node=nodes)
@@ -1280,6 +1283,10 @@ class CacheMachine(RuleBasedStateMachine):
     def _l3_tick(self, after) -> None:
         """Operations that ended no longer read or write L3 nor own L2 slots; those in flight may
         touch their pages at any step."""
+        self.l3_stale &= set(self.l3_ops) | set(self.l3_state_ops)
+        if self.l3_stale:  # (before the ended ones go: a write that landed this step left its file too)
+            self.l3.stale_writes([p for i in self.l3_stale for p in self.l3_ops.get(i, ())])
+            self.l3_states.stale_writes([self.l3_state_ops[i] for i in self.l3_stale if i in self.l3_state_ops])
         ended = [p for i in [i for i in self.l3_ops if i not in after.ops] for p in self.l3_ops.pop(i)]
         for i in [i for i in self.staging if i not in after.ops]:
             del self.staging[i]

@@ -25,6 +25,15 @@ matched. The match then returned the deleted node as its last_host_node and best
 same shape as a node deleted while the host tier still references it). The match now holds a host
 reference on its path while the backup makes room; the model's backup-liveness rule leaves that
 path out of the room it counts.
+
+A fifth, again from CI's short `refcache verify` (2026-12-03), was the oracle wrong: a storage
+restart came while a store was still writing. The store writes on through the backend it started
+with, so its file lands behind the new index's back; the driver's read-back missed it and the L3
+model forgot the page, and the next restart indexed the file, so a prefetch found pages the model
+said L3 lacked. Two backends on one directory can also delete each other's files, so the model
+now trusts no page it was sure of while such a write is in flight, and keeps its pages as ones a
+restart may index. (The run is not reproducible from its seed: the restart orders its index by
+file modification time.)
 """
 
 from __future__ import annotations
@@ -84,6 +93,19 @@ FINDINGS = {
         "state.prefetch_seeded(extra=[], i=0)",
         "state.insert(tokens=requests_3)",
         "state.prefetch_and_wait(i=0, k=0)",  # its match makes [1, 1, 1, 1] due; room came from [.., 3, 3]
+    ]),
+    "l3_store_lands_across_a_restart": ("full/write_back", [
+        "requests_0 = state.first_request(tokens=[2, 2, 3, 3])",
+        "(nodes_0,) = state.match(extra=[], form='list', tail=(), tokens=requests_0)",
+        "state.backup(node=nodes_0)",
+        "state.settle()",
+        "state.store(node=nodes_0)",
+        "state.reopen_storage()",  # the store writes on through the old backend
+        "state.settle()",  # its files land; the new index lacks them, so the read-back misses
+        "state.reopen_storage()",  # this restart indexes them
+        "state.evict(n=1000000)",
+        "state.evict_host(n=1000000)",
+        "state.prefetch(extra=[], tokens=requests_0)",  # L3 holds both pages
     ]),
 }
 
