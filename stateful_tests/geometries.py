@@ -42,6 +42,11 @@ def round_trip_once(base: CacheConfig, ps: int, threshold: int, pages: int) -> l
     return _DONE[key]
 
 
+def forget() -> None:
+    """Drop the memoized round trips (the cache's code changed: a seeded bug came or went)."""
+    _DONE.clear()
+
+
 def _settle(cache: HiCache) -> None:
     """Poll until no transfer is in flight (the scratch executor lands work at each poll)."""
     for _ in range(8):

@@ -252,6 +252,15 @@ class CacheMachine(RuleBasedStateMachine):
         tombstone's cascade, or when a write-back backup makes L2 room first."""
         return Allowed(evict_dev=True, evict_host=self.model.sidecar is not None or self._write_back, **kw)
 
+    def _deferred(self, b, a, cands: list) -> list:
+        """Write-back: sidecar holders among `cands` whose eviction waits for a backup: device
+        leaves with no L2 copy, and parents the step made so by freeing a child (the backup it
+        started is theirs)."""
+        if not self._write_back:
+            return []
+        started = {p for k, op in a.ops.items() if k not in b.ops and op.kind == "backup" for p in op.pages}
+        return [p for p in cands if (b.dev_evictable(p) and not b.pages[p].host) or p in started]
+
     def _raised(self, what: str, e: RefCacheError) -> None:
         """An operation raised: nothing may have changed (pool exhaustion may have evicted first,
         as alloc_device documents for write-back)."""
@@ -295,14 +304,14 @@ class CacheMachine(RuleBasedStateMachine):
                 if b.sidecar == "swa" and got is None and not b.ops and not swa_room:
                     # SWA evicts LRU holders, stopping at one whose write-back backup it must wait for
                     cands = [p for p, g in b.pages.items() if g.swa and g.lock == 0 and p not in b.busy()]
-                    deferred = [p for p in cands if write_back and b.dev_evictable(p) and not b.pages[p].host]
+                    deferred = self._deferred(b, a, cands)
                     if not deferred and swa_free + PS * len(cands) >= n \
                             and free + effects.freeable_device(b, write_back) >= n:
                         v.append(f"alloc of {n} tokens failed although SWA had {swa_free} free and "
                                  f"{PS * len(cands)} evictable, and full KV had room")
                 return v if swa_room or got is not None else [x for x in v if "never succeed" in x or "SWA had" in x]
             cands = [p for p, g in b.pages.items() if g.mamba and g.lock == 0 and p not in b.busy()]
-            deferred = [p for p in cands if write_back and b.dev_evictable(p) and not b.pages[p].host]
+            deferred = self._deferred(b, a, cands)
             must = free > 0 or (cands and not deferred)  # a write-back victim waits for its backup
             return [f"alloc of a mamba slot failed with {free} free and {len(cands)} evictable states"] \
                 if got is None and must else []
@@ -495,11 +504,7 @@ class CacheMachine(RuleBasedStateMachine):
             if side == "swa" and any(op.kind == "load" for op in b.ops.values()):
                 return v  # a load reserves SWA pages the abstract operation does not list
             cands = [p for p, g in b.pages.items() if getattr(g, side) and g.lock == 0 and p not in b.busy()]
-            deferred = [p for p in cands if self._write_back and b.dev_evictable(p) and not b.pages[p].host]
-            # under write-back, freeing one holder can make its parent a device leaf without an L2
-            # copy: its eviction then waits for the backup this step started (a deferred eviction)
-            deferred += [p for k, op in a.ops.items() if self._write_back and k not in b.ops and op.kind == "backup"
-                         for p in op.pages if p in cands]
+            deferred = self._deferred(b, a, cands)
             if not deferred and unit * len(lost) < min(amount, unit * len(cands)):
                 v.append(f"evict_{side}({amount}) freed {unit * len(lost)} while {len(cands)} holders were evictable")
             sizes = [len(nd.key) if side == "swa" else 1 for nd in before_snap.nodes.values()
@@ -1297,6 +1302,11 @@ class CacheMachine(RuleBasedStateMachine):
         for i, pages in self.l3_ops.items():
             if i in self.staging:
                 self.l3.read(pages)
+        for i in self.stores:  # a store in flight may still (re)write its pages: a hole or a missed read-back does not outlast it
+            if i in self.l3_ops:
+                self.l3.write(self.l3_ops[i], landed=False)
+            if i in self.l3_state_ops:
+                self.l3_states.write([self.l3_state_ops[i]], landed=False)
 
     @precondition(lambda self: self.seeded)
     @rule(i=st.integers(0, 7), extra=st.lists(st.sampled_from(PAGES), max_size=1))
@@ -1575,6 +1585,10 @@ class CacheMachine(RuleBasedStateMachine):
         """The cache's public judgement of each node as a match end (device, or any tier) and as a
         tombstone is the model's, at every node end (sidecar data is uniform within a node)."""
         c, m = self.cache, self.model
+        for tiers in (fresh("device"), fresh("any")):  # the empty prefix: what a miss matches
+            if c.valid_end(c.root, tiers) != m.valid_end((), tiers):
+                raise Disagreement(f"valid_end(root, {tiers}) = {c.valid_end(c.root, tiers)}, the model says "
+                                   f"{m.valid_end((), tiers)}")
         for n in c.nodes():
             p = node_prefix(n)
             if p not in m.pages:

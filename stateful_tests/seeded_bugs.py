@@ -29,6 +29,8 @@ from refcache.prefetch import PrefetchMixin
 from refcache.tp import agree_termination
 from refcache.transfer import COPY_INDEX_DTYPE, OpState, PartStatus
 
+from . import geometries
+
 
 @dataclass(frozen=True)
 class SeededBug:
@@ -38,6 +40,27 @@ class SeededBug:
     machines: tuple[str, ...]  # keys of stateful_tests.machines.MACHINES that should find it
     story: str = ""  # symptom, root cause, and which check catches it
     upstream: tuple[str, ...] = ()  # the upstream issues / PRs it is modelled on
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch", _forgetting(self.patch))
+
+
+def _forgetting(install: Callable[[], contextlib.AbstractContextManager]
+                ) -> Callable[[], contextlib.AbstractContextManager]:
+    """`install`, made to drop what this process memoized of the cache's behaviour (the other
+    geometries' round trips) on entry and on exit: a result the patched code produced must not
+    stand for the clean code's afterwards (a campaign worker hunts a bug, then explores clean)."""
+
+    @contextlib.contextmanager
+    def patched():
+        geometries.forget()
+        try:
+            with install():
+                yield
+        finally:
+            geometries.forget()
+
+    return patched
 
 
 @contextlib.contextmanager

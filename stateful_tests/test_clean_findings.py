@@ -34,6 +34,18 @@ said L3 lacked. Two backends on one directory can also delete each other's files
 now trusts no page it was sure of while such a write is in flight, and keeps its pages as ones a
 restart may index. (The run is not reproducible from its seed: the restart orders its index by
 file modification time.)
+
+Three more came from one default `refcache verify --seed 1` (2 workers, 300 s, 2026-12-03):
+- the oracle wrong: storage lost a page while a store of it was still in flight; the model
+  forgot the page for good, and the store then wrote it again. A store in flight now keeps its
+  pages possible in the model until it ends;
+- the oracle wrong, the same shape as the first finding in an allocation: SWA eviction for an
+  allocation under write-back freed a child, which made its parent a device leaf without an L2
+  copy, whose eviction then waits for the backup the allocation started; the allocation check
+  now counts that parent as deferred, as the eviction check does;
+- the campaign wrong: a worker hunted a seeded mamba slot leak, and the other geometries' round
+  trip it memoized under the patch was then reported on the clean cache. A seeded bug's patch
+  now drops that memo on entry and exit (test_seeded_bugs.py keeps this).
 """
 
 from __future__ import annotations
@@ -106,6 +118,26 @@ FINDINGS = {
         "state.evict(n=1000000)",
         "state.evict_host(n=1000000)",
         "state.prefetch(extra=[], tokens=requests_0)",  # L3 holds both pages
+    ]),
+    "l3_hole_under_a_store_in_flight": ("full/write_through", [
+        "requests_0 = state.first_request(tokens=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1])",
+        "state.finish_op(i=0)",
+        "state.poll()",
+        "nodes_1 = state.any_node(i=0)",
+        "state.store(node=nodes_1)",
+        "requests_4 = state.seed_storage(extra=[], keep=1, tokens=[1, 1])",
+        "state.storage_hole(k=0, tokens=requests_4)",  # [1, 1] lost while the store still writes it
+        "state.kv_first(i=0)",  # the store writes it again
+        "state.peer_read(cancel=False, i=0)",  # and a read finds it
+    ]),
+    "swa_write_back_alloc_defers_a_parent": ("swa/write_back", [
+        "requests_0 = state.first_request(tokens=[2, 2, 1, 1, 1, 1])",
+        "requests_1 = state.insert_new(tokens=[2, 2])",
+        "requests_3 = state.insert_new(tokens=[1, 1, 1, 1, 1, 1, 1, 1, 1, 1])",
+        "state.settle()",
+        "state.insert(tokens=requests_0)",
+        "requests_4 = state.seed_storage(extra=[(1, 1)], keep=8, tokens=requests_3)",
+        "state.insert(tokens=requests_4)",  # frees [2, 2, 1, 1, 1, 1]; [2, 2] then waits for its backup
     ]),
 }
 

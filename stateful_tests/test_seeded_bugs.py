@@ -56,3 +56,17 @@ def test_patches_are_undone():
         with bug.patch():
             assert current_impls() != originals, f"{name}: the patch changes nothing watched here"
         assert current_impls() == originals, f"{name}: the patch is not undone"
+
+
+def test_a_patch_leaves_no_memoized_result_behind():
+    """A campaign worker hunts a seeded bug, then explores the clean cache in the same process:
+    the other geometries' round trips it memoized under the patch must not stand for the clean
+    code (a mamba slot leak found this way was reported as a clean violation)."""
+    from refcache.config import CacheConfig
+    from stateful_tests import geometries
+
+    base = CacheConfig(page_size=2, device_tokens=16, host_tokens=24, components=("full", "mamba"))
+    with SEEDED_BUGS["mamba_eviction_leaks_slot"].patch():
+        under_patch = geometries.round_trip_once(base, 1, 0, 1)
+    assert under_patch, "the seeded leak is visible to the round trip"
+    assert geometries.round_trip_once(base, 1, 0, 1) == [], "the clean code's round trip is its own"
