@@ -1040,6 +1040,7 @@ class CacheMachine(RuleBasedStateMachine):
         record = l3_records.forge(kind, hashes[i], st_.page_shape, st_.dtype, wrong, donor, r)
         with open(os.path.join(st_.directory, f"{hashes[i]:016x}.page"), "wb") as f:
             f.write(record)
+        l3_records.stamp(os.path.join(st_.directory, f"{hashes[i]:016x}.page"))
         self.l3.forged(tuple(tokens[: (i + 1) * PS]))
         self.put_faults = True  # L3 now loses pages behind the cache's back
         self._step(f"storage_forged_record {kind} {tokens} page {i} r={r}", Allowed())
