@@ -32,8 +32,8 @@ with, so its file lands behind the new index's back; the driver's read-back miss
 model forgot the page, and the next restart indexed the file, so a prefetch found pages the model
 said L3 lacked. Two backends on one directory can also delete each other's files, so the model
 now trusts no page it was sure of while such a write is in flight, and keeps its pages as ones a
-restart may index. (The run is not reproducible from its seed: the restart orders its index by
-file modification time.)
+restart may index. (The run did not replay from its seed: a restart orders its index by file
+modification time. The machines' file L3 now stamps its files with a logical time.)
 
 Three more came from one default `refcache verify --seed 1` (2 workers, 300 s, 2026-12-03):
 - the oracle wrong: storage lost a page while a store of it was still in flight; the model
