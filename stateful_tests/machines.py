@@ -758,6 +758,31 @@ class CacheMachine(RuleBasedStateMachine):
             v.append(f"backup of {p}, whose state is on L1, carries no state although L2 has a state slot free")
         self._step(f"backup {p} -> {op and op.id}", self._l2_room(), lambda b, a: v)
 
+    @precondition(lambda self: self.cache.config.write_policy.value == "write_through_selective")
+    @rule(i=st.integers(0, 7))
+    def hollow_parent(self, i):
+        """The tree's rarest shape, made on purpose: a parent holding no data over a host-only
+        child. Under selective write-through the child alone is backed up, then L1 is emptied: the
+        parent, a device leaf with no L2 copy, drops its L1 data and stays as a data-less interior
+        node, which matches must treat as holding nothing; then a prefetch of the parent's prefix
+        from L3 lands whole and fills it."""
+        busy = self.model.busy()
+        pairs = [n for n in self.cache.nodes() if n.value is not None and n.host_value is None
+                 and n.parent is not self.cache.root and n.parent.value is not None and n.parent.host_value is None
+                 and not {node_prefix(n), node_prefix(n.parent)} & busy]
+        if not pairs:
+            return
+        child = pairs[i % len(pairs)]
+        parent = list(node_prefix(child.parent))
+        self.backup(child)
+        self.settle()
+        self.evict(10**6)
+        before = set(self.prefetching)
+        self.seed_storage(parent, 8, [])
+        self.prefetch(parent, [])
+        for rid in set(self.prefetching) - before:
+            self._wait(rid, len(parent), self.cache.config.prefetch_timeout_steps + 2)
+
     @rule(tokens=requests)
     def load_back(self, tokens):
         m = self._match(tokens)
