@@ -1574,6 +1574,8 @@ class CacheMachine(RuleBasedStateMachine):
                         and op.id not in self.failed_ops and not (kind == "store" and self.l3.put_faults)):
                     v.append(f"op {op.id} ({kind}) ended {op.state.value} although no part of it was failed "
                              f"{'and no L3 write fault was armed' if kind == 'store' else ''}".rstrip())
+                if kind in ("backup", "load", "store") and op.state is OpState.DONE and op.id in self.failed_ops:
+                    v.append(f"op {op.id} ({kind}) ended done although the driver failed a part of it")
             if self._write_back and len(acked) == 1 and acked[0].kind == "backup":
                 v += self._demote_errors(acked[0], b, a)
             return v + effects.settled_errors(self.after_snap.ops)
