@@ -19,6 +19,7 @@ import concurrent.futures as cf
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -164,10 +165,22 @@ class InlinePool:
 
 
 def _worker_init() -> None:
-    """Workers use one thread each for torch: the parallelism is the processes."""
+    """Workers use one thread each for torch: the parallelism is the processes. A worker whose
+    parent died (killed, or stopped without shutting the pool) exits instead of living on."""
     import torch
 
     torch.set_num_threads(1)
+    _exit_with_parent(os.getppid())
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            if os.getppid() != parent:  # re-parented: the campaign that started us is gone
+                os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def make_pool(jobs: int) -> cf.Executor | InlinePool:

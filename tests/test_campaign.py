@@ -237,3 +237,36 @@ def test_conformance_runner_replaces_the_false_shrink_warning_too():
     line = _honest(f"WARNING: Hypothesis has {SLOW_SHRINK_WARNING} a failing test case", 45)
     assert "five minutes" not in line and "45 s cap" in line
     assert _honest("Falsifying example", 45) == "Falsifying example"
+
+
+def test_workers_exit_when_the_campaign_is_killed():
+    """`refcache verify` killed outright (SIGKILL, or SIGTERM, which skips its cleanup) must not
+    leave its worker processes behind, each holding a core until its task ends and then idling."""
+    import signal
+    import time
+
+    code = ("import os, sys, time\n"
+            "from campaign import workers\n"
+            "pool = workers.make_pool(2)\n"
+            "pids = sorted({pool.submit(os.getpid).result() for _ in range(8)})\n"
+            "print(' '.join(map(str, pids)), flush=True)\n"
+            "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert pids, "the pool started no worker"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:  # a zombie waiting for its reaper is gone too
+            return f.read().split(")")[-1].split()[0] != "Z"
+
+    deadline = time.monotonic() + 15
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids), f"workers {pids} outlived their killed campaign"
