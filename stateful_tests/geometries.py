@@ -189,7 +189,32 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
            f"after a recompute raced a prefetch a match serves {m.device_len} of {whole} tokens, or the wrong bytes")
     expect(not cache.check_invariants(check_data=False), f"invariants: {cache.check_invariants()[:2]}")
     _refusals(cache, expect)
+    _crowded_prefetches(cfg, tokens[:whole], expect)
     return errs
+
+
+def _crowded_prefetches(cfg: CacheConfig, tokens: list[int], expect) -> None:
+    """A prefetch of a run L3 holds whole into a scratch L2 too small for it: with one free page
+    and nothing evictable, it fetches that page; with one page free and one a host-only leaf holds,
+    it evicts the leaf and fetches two. (Whole runs that fit are fetched whole.)"""
+    ps = cfg.page_size
+    for l2_pages, filler in ((1, False), (2, True)):
+        cache = HiCache(replace(cfg, host_tokens=l2_pages * ps), executor=DeterministicExecutor(auto_complete=True),
+                        storage=MemoryStorage(None, (cfg.num_layers, 2, ps, cfg.num_heads, cfg.head_dim), cfg.dtype))
+        put = cache.storage.start_put(page_hashes(ROOT_HASH, tokens, ps), list(pages_kv(tuple(tokens), geometry(cache))))
+        put.poll()
+        if filler:  # one page on L2 only: backed up, then evicted from L1
+            other = [t + 60 for t in tokens[:ps]]
+            cache.insert(other, write_request(cache, other), write_state(cache, other) if cfg.has("mamba") else None)
+            cache.write_backup(cache.match_prefix(other).last_device_node)
+            _settle(cache)
+            cache.evict(cfg.device_tokens)
+            _settle(cache)
+        op = cache.prefetch("crowded", cache.root, tokens)
+        want = min(len(tokens), l2_pages * ps)
+        got = 0 if op is None else len(op.prefetch.key)
+        expect(got == want, f"a prefetch of {len(tokens)} tokens L3 holds into an L2 of {l2_pages} pages "
+                            f"({'one a host-only leaf holds' if filler else 'all free'}) fetches {got}, not {want}")
 
 
 def _refusals(cache: HiCache, expect) -> None:
