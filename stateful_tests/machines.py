@@ -764,8 +764,8 @@ class CacheMachine(RuleBasedStateMachine):
         """The tree's rarest shape, made on purpose: a parent holding no data over a host-only
         child. Under selective write-through the child alone is backed up, then L1 is emptied: the
         parent, a device leaf with no L2 copy, drops its L1 data and stays as a data-less interior
-        node, which matches must treat as holding nothing; then a prefetch of the parent's prefix
-        from L3 lands whole and fills it."""
+        node, which matches must treat as holding nothing; then the parent's prefix is prefetched
+        from L3 and waited on, which fills it when L2 has room for it."""
         busy = self.model.busy()
         pairs = [n for n in self.cache.nodes() if n.value is not None and n.host_value is None
                  and n.parent is not self.cache.root and n.parent.value is not None and n.parent.host_value is None
@@ -777,11 +777,8 @@ class CacheMachine(RuleBasedStateMachine):
         self.backup(child)
         self.settle()
         self.evict(10**6)
-        before = set(self.prefetching)
         self.seed_storage(parent, 8, [])
-        self.prefetch(parent, [])
-        for rid in set(self.prefetching) - before:
-            self._wait(rid, len(parent), self.cache.config.prefetch_timeout_steps + 2)
+        self._prefetch_and_wait(lambda: self.prefetch(parent, []), len(parent))
 
     @rule(tokens=requests)
     def load_back(self, tokens):
@@ -1410,10 +1407,15 @@ class CacheMachine(RuleBasedStateMachine):
         """A prefetch of what another instance stored, waited on at once: some of its pages land (never
         all), and progress is asked until it ends or the deadline has passed, so every timeout
         deadline is met on the step it falls on."""
+        self._prefetch_and_wait(lambda: self.prefetch_seeded(i, []), k, keep_one=True)
+
+    def _prefetch_and_wait(self, start, k: int, keep_one: bool = False) -> None:
+        """Run `start` (a prefetch rule), then wait on the prefetch it started, if any: land `k`
+        of its pages and ask for progress until it ends or its deadline has passed."""
         before = set(self.prefetching)
-        self.prefetch_seeded(i, [])
+        start()
         for rid in set(self.prefetching) - before:
-            self._wait(rid, k, self.cache.config.prefetch_timeout_steps + 2, keep_one=True)
+            self._wait(rid, k, self.cache.config.prefetch_timeout_steps + 2, keep_one=keep_one)
 
     def _wait(self, rid: str, k: int, n: int, keep_one: bool = False) -> None:
         """Land `k` of prefetch `rid`'s pages (its pool transfer not yet; with `keep_one`, never its
