@@ -7,11 +7,29 @@ versions), `common` what they share, `kernels` CPU stand-ins for the host tier's
 
 from __future__ import annotations
 
+import sysconfig
+
 from .. import TargetSpec
 
 _N, _O = "conformance.targets.sglang.v0_5_23", "conformance.targets.sglang.v0_5_17"
 _H = "conformance.targets.sglang.v0_5_23_hicache"
 V_NEW, V_OLD = "0.5.23", "0.5.17"
+_RUST = f"{__name__}:rust_core_reason"
+
+
+def rust_core_reason() -> str:
+    """'' when sglang 0.5.23 loads here with its compiled Rust tree core built for this Python (a
+    copy packed by `carry` for another machine leaves the extension out), else why not."""
+    from . import shim
+
+    why = shim.missing_reason(V_NEW)
+    if why:
+        return why
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    if not (shim.locate(V_NEW) / "sglang/srt/mem_cache/rust_tree_core" / f"mem_cache{suffix}").exists():
+        return f"sglang {V_NEW}'s compiled Rust tree core is not built for this Python (no mem_cache{suffix})"
+    return ""
+
 
 TARGETS: dict[str, TargetSpec] = {
     "sglang-radix": TargetSpec(f"{_N}:SGLangRadix", V_NEW, "SGLang RadixCache 0.5.23, page 2"),
@@ -20,7 +38,7 @@ TARGETS: dict[str, TargetSpec] = {
                                         args=("python",)),
     "sglang-unified-rust": TargetSpec(f"{_N}:SGLangUnified", V_NEW,
                                       "SGLang UnifiedRadixCache 0.5.23 (FULL), compiled Rust tree core, page 2",
-                                      args=("rust",)),
+                                      args=("rust",), requires=_RUST),
     "sglang-mamba": TargetSpec(f"{_O}:SGLangMamba", V_OLD, "SGLang MambaRadixCache 0.5.17, page 1", 1),
     "sglang-hiradix": TargetSpec(f"{_O}:SGLangHiRadix", V_OLD,
                                  "SGLang HiRadixCache 0.5.17 (HiCache: write-through, direct IO), page 2; "
@@ -43,7 +61,8 @@ TARGETS.update({
     f"sglang-hicache-{core}{suffix}": TargetSpec(
         f"{_H}:SGLangUniHiCache", V_NEW,
         f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL), {label} tree core, {policy}, "
-        "direct IO, page 2; a GPU, or CPU stand-ins for pinning and copies", args=(core, policy))
+        "page 2; on a GPU SGLang's JIT HiCache kernels (kernel IO), else direct IO with CPU stand-ins for "
+        "pinning and copies", args=(core, policy), requires=_RUST if core == "rust" else None)
     for core, label in _CORES.items() for policy, suffix in _POLICIES.items()
 })
 # Under write_back an eviction backs the mamba state up with the KV: host targets may gain a host
@@ -52,7 +71,7 @@ TARGETS.update({
     f"sglang-hicache-mamba{suffix}": TargetSpec(
         f"{_H}:SGLangUniHiMamba", V_NEW,
         f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+MAMBA), Python tree core, {policy}, "
-        "direct IO, page 1; a GPU, or CPU stand-ins for pinning and copies", 1, args=(policy,))
+        "direct IO, page 1; CPU stand-ins for the copies (and, without a GPU, for pinning)", 1, args=(policy,))
     for policy, suffix in _POLICIES.items()
 })
 # With SGLang's file storage backend (L3) and each prefetch stop policy; the machine adds a prefetch rule.
@@ -62,7 +81,7 @@ TARGETS.update({
         f"{_H}:SGLangUniHiCache", V_NEW,
         f"SGLang 0.5.23 HiCache (FULL), {label} tree core, write_through, file storage backend (L3), "
         f"prefetch stop policy {stop}, page 2", args=(core, "write_through", stop),
-        machine="conformance.machine_storage:StorageMachine")
+        machine="conformance.machine_storage:StorageMachine", requires=_RUST if core == "rust" else None)
     for core, label in _CORES.items() for stop, suffix in _STOP.items()
 })
 # Write-back with storage: a prefetch's anchor may be a device-only node (nothing is backed up before

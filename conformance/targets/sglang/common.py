@@ -87,15 +87,17 @@ class RadixNodes:
 
 
 
-def cpu_stand_ins() -> None:
-    """Without CUDA: skip pinned-memory registration, and copy with torch where the kernels would."""
+def cpu_stand_ins(pinning: bool = True) -> None:
+    """Copy with torch where sgl_kernel's copies would (absent, or stood in for by the shim), and,
+    with `pinning` (no CUDA), skip pinned-memory registration."""
     import sglang.srt.mem_cache.memory_pool_host as mph
     import sglang.srt.mem_cache.pool_host.common as phc
     import sglang.srt.mem_cache.pool_host.mha as mha
 
     from . import kernels
 
-    phc._cuda_host_register = lambda *a, **k: None  # 0.5.23 passes a granularity too
+    if pinning:
+        phc._cuda_host_register = lambda *a, **k: None  # 0.5.23 passes a granularity too
     kernels.install(mha, mph)
     try:  # 0.5.23's mamba host pool imports the same copies (under CUDA only)
         import sglang.srt.mem_cache.pool_host.mamba as mamba_host

@@ -46,11 +46,14 @@ FUNCS = {f.__name__: f for f in (transfer_kv_direct, transfer_kv_all_layer_direc
 
 
 def install(*modules) -> list[str]:
-    """Give each module (that lacks them: it imports them only under CUDA) the stand-ins."""
+    """Give each module the stand-ins it lacks (it imports them only under CUDA) or got from the
+    shim (on a GPU without sgl_kernel)."""
+    from .shim import Stub
+
     done = []
     for m in modules:
         for name, f in FUNCS.items():
-            if not hasattr(m, name):
+            if not hasattr(m, name) or isinstance(getattr(m, name), Stub):
                 setattr(m, name, f)
                 done.append(f"{m.__name__}.{name}")
     return done

@@ -79,8 +79,7 @@ class SGLangUniHiCache(Target):
 
         self.b, self.r, self.FULL = b, r, ComponentType.FULL
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev == "cpu":
-            cpu_stand_ins()
+        io, layout, head_dim = self._io_path(dev)
         ps, n = 2, 16
         self.policy, self.core = policy, core
         self.info = TargetInfo(f"sglang-hicache-{core}{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}"
@@ -88,16 +87,16 @@ class SGLangUniHiCache(Target):
                                ops=CORE_OPS | {"load_back"} | storage_ops(prefetch), device_tokens=n,
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False,
                                allow=self.allowances(policy) | self.storage_allowances(policy, prefetch),
-                               notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
-        sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
-                        hicache_mem_layout="page_first_direct", hicache_write_policy=policy,
+                               notes=self._io_notes(dev))
+        sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend=io,
+                        hicache_mem_layout=layout, hicache_write_policy=policy,
                         # L2 pressure makes prefetches truncate
                         hicache_ratio=ratio or (1.5 if prefetch is None else 1.25),
                         device=dev, **self._storage(prefetch, ps))
         set_global_server_args_for_scheduler(sa)
         self._one_rank()
-        self.kv = mp.MHATokenToKVPool(size=n, page_size=ps, dtype=torch.bfloat16, head_num=2, head_dim=8, layer_num=2,
-                                      device=dev, enable_memory_saver=False)
+        self.kv = mp.MHATokenToKVPool(size=n, page_size=ps, dtype=torch.bfloat16, head_num=2, head_dim=head_dim,
+                                      layer_num=2, device=dev, enable_memory_saver=False)
         self.alloc_ = PagedTokenToKVPoolAllocator(size=n, page_size=ps, dtype=torch.bfloat16, device=dev,
                                                   kvcache=self.kv, need_sort=False)
         params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
@@ -111,6 +110,8 @@ class SGLangUniHiCache(Target):
         if dev == "cpu":  # the storage path's staging pages ask for pinned memory
             for entry in self.cache.host_pool_group.entries:
                 entry.host_pool.pin_memory = False
+        elif not all(e.host_pool.can_use_jit for e in self.cache.host_pool_group.entries):
+            raise shim.ShimError("SGLang's host pool declined its JIT HiCache kernels on this GPU")
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
         self.k0 = self.kv.get_key_buffer(0)
@@ -124,6 +125,26 @@ class SGLangUniHiCache(Target):
     @staticmethod
     def allowances(policy: str) -> frozenset:
         return KNOWN_HI
+
+    @staticmethod
+    def _io_path(dev: str) -> tuple[str, str, int]:
+        """(io backend, host layout, head_dim). On the CPU: direct IO, page-first-direct, copies by
+        torch (kernels.py). On a GPU: SGLang's defaults, kernel IO and the page_first layout, whose
+        copies are its JIT HiCache kernels compiled there with nvcc (jit.py); those copy rows in
+        128-byte groups, so a row (2 heads x head_dim x bf16) is made 256 bytes."""
+        if dev == "cpu":
+            cpu_stand_ins()
+            return "direct", "page_first_direct", 8
+        from . import jit
+
+        jit.serve(shim.loaded().root)
+        return "kernel", "page_first", 64
+
+    @staticmethod
+    def _io_notes(dev: str) -> str:
+        if dev == "cpu":
+            return "on cpu (CPU stand-ins for pinning and copies)"
+        return f"on {torch.cuda.get_device_name()}: kernel IO, page_first, SGLang's JIT HiCache kernels"
 
     def _storage(self, prefetch: str | None, ps: int) -> dict:
         """ServerArgs for SGLang's file storage backend in a fresh directory ({} without storage)."""
@@ -514,8 +535,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
 
         self.b, self.r, self.FULL, self.MAMBA = b, r, ComponentType.FULL, ComponentType.MAMBA
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
-        if dev == "cpu":
-            cpu_stand_ins()
+        cpu_stand_ins(pinning=dev == "cpu")  # on a GPU too: sgl_kernel's copies (mamba state) do not load
         n, slots = 16, 6
         self.policy, self.core = policy, "python"
         self.info = TargetInfo(f"sglang-hicache-mamba{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=1,
@@ -523,7 +543,8 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                                ops=CORE_OPS | {"load_back", "evict_mamba"} | storage_ops(prefetch),
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False,
                                allow=self.allowances(policy) | {"last-host-is-best"},
-                               notes=f"on {dev}" + ("" if dev == "cuda" else " (CPU stand-ins for pinning and copies)"))
+                               notes=f"on {dev}" + (" (CPU stand-ins for pinning and copies)" if dev == "cpu" else
+                                                    " (direct IO with torch copies: sgl_kernel does not load)"))
         sa = ServerArgs(model_path="dummy", page_size=1, hicache_io_backend="direct",
                         hicache_mem_layout="page_first_direct", hicache_write_policy=policy, hicache_ratio=1.5,
                         device=dev, **self._storage(prefetch, 1))
