@@ -157,25 +157,38 @@ def _run_child(name: str, budget_s: float, seed: int, shrink_s: float) -> dict:
     return json.loads(lines[-1])
 
 
+def _seed_child(seed_id: int, budget_s: float, seed: int, shrink_s: float) -> dict:
+    p = runner._child(["--seed-id", str(seed_id), "--budget", str(budget_s), "--seed", str(seed),
+                       "--shrink", str(shrink_s)], budget_s + 600, module="conformance.mutants")
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"seed child failed (rc {p.returncode}): {p.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
 def run_seed(seed_id: int, budget_s: float = 120, seed: int = 0, shrink_s: float = 10) -> dict:
     """The conformance run of upstream seed bug `seed_id` (conformance/targets/sglang/seeds.py)
-    reverted in SGLang 0.5.23: {seed, target, caught, seconds, operations, check, steps}."""
+    reverted in SGLang 0.5.23: {seed, target, caught, seconds, operations, check, steps}; for a seed
+    with a property search (no machine target shows it), that search's run instead."""
     from .targets.sglang import seeds
 
     s = seeds.SEEDS[seed_id]
     if s.patch is None:
         return {"seed": seed_id, "target": s.target, "caught": False, "seconds": None, "operations": None,
                 "check": None, "not_reverted": s.where}
+    if s.search:  # no machine target can show it: its property search over the path that does
+        why = shim.missing_reason(seeds.V_NEW)
+        if why:
+            return {"seed": seed_id, "target": s.search, "caught": False, "skipped": why}
+        have = shim.loaded()
+        if have is not None and have.version != seeds.V_NEW:
+            return _seed_child(seed_id, budget_s, seed, shrink_s)
+        return seeds.run_search(seed_id, budget_s, seed)
     why = runner.unavailable_reason(s.target)
     if why:
         return {"seed": seed_id, "target": s.target, "caught": False, "skipped": why}
     if runner.needs_own_process(s.target):
-        p = runner._child(["--seed-id", str(seed_id), "--budget", str(budget_s), "--seed", str(seed),
-                           "--shrink", str(shrink_s)], budget_s + 600, module="conformance.mutants")
-        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"seed child failed (rc {p.returncode}): {p.stderr[-3000:]}")
-        return json.loads(lines[-1])
+        return _seed_child(seed_id, budget_s, seed, shrink_s)
     with s.patch():
         r = runner._run_here(s.target, budget_s, seed, shrink_s=shrink_s)
     report = r["failure_report"] or ""

@@ -11,7 +11,7 @@ from conformance.targets.sglang.seeds import SEEDS
 from conformance.test_hicache import run_fresh
 
 pytestmark = pytest.mark.conformance
-REVERTED = [s.id for s in SEEDS.values() if s.patch is not None and not s.unobservable]
+REVERTED = [s.id for s in SEEDS.values() if s.patch is not None and s.calls]
 
 
 @pytest.mark.parametrize("seed_id", REVERTED)
@@ -33,7 +33,8 @@ print(json.dumps({{"clean": replay_seed({seed_id}, False), "reverted": replay_se
 def test_every_seed_is_listed():
     assert set(SEEDS) == {27366, 26945, 23427, 25088, 23696}
     assert all(s.where for s in SEEDS.values() if s.patch is None)
-    assert all(s.patch is not None and not s.calls for s in SEEDS.values() if s.unobservable)
+    assert all(s.patch is not None and s.search and s.replay for s in SEEDS.values() if s.unobservable)
+    assert all(s.calls for s in SEEDS.values() if s.patch is not None)  # every reverted seed has a replay
 
 
 def test_23427_moved_transfers_are_never_read_again():
@@ -115,3 +116,19 @@ print(json.dumps({"clean": clean, "seed": seeded}))
     assert r["clean"] == [], r["clean"]
     assert r["seed"] and all(w.startswith("SWA page (2") for w in r["seed"]), r["seed"]
     assert "SWA page (2, 2): L3 holds (2, 2, 2, 2, 2, 2, 2, 2)" in r["seed"], r["seed"]
+
+
+def test_23427_search_finds_it_from_nothing():
+    """`mutants --seeds` hunts #23427 with the decode-offload property search (no machine target can
+    show it): from random finished requests, with the seed reverted, it finds SWA pages stored under
+    another prefix's key and shrinks the sequence to a few requests."""
+    why = runner.unavailable_reason("sglang-hicache-mamba")
+    if why:
+        pytest.skip(why)
+    r = run_fresh("""
+import json
+from conformance.mutants import run_seed
+print(json.dumps(run_seed(23427, 90, seed=0)))
+""")
+    assert r["caught"], r
+    assert r["check"].startswith("SWA page") and 0 < r["operations"] <= 4, r

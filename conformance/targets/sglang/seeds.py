@@ -4,7 +4,8 @@ Each seed is a context manager that monkeypatches the smallest change bringing t
 back, written from the fix's description (not from its code), plus the target it is caught on and
 the minimized operations that catch it (kept as a replay test in test_seeds.py). Where the seed's
 code path no longer exists in 0.5.23, the nearest equivalent is patched, and the docstring says so.
-A seed that is reverted but that no path of 0.5.23 we drive can show says why in `unobservable`.
+A seed that is reverted but that no radix-tree path of 0.5.23 can show says why in `unobservable`,
+and names a property `search` over the 0.5.23 path that does show it.
 
     python -m conformance.mutants --seeds [--budget S]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import __future__
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from unittest import mock
@@ -30,9 +32,13 @@ class Seed:
     signs: tuple[str, ...]  # what the minimized failure shows (any one of them)
     calls: tuple = ()  # the minimized operations that catch it (a replay)
     where: str = ""  # how the pre-fix logic maps onto 0.5.23's code
-    # Reverted, but no 0.5.23 path that our targets drive can show it (why, and what was checked);
-    # such a seed has no replay, and test_seeds.py keeps the evidence instead.
+    # Reverted, but no radix-tree path of 0.5.23 that the machine targets drive can show it (why, and
+    # what was checked; test_seeds.py keeps the evidence). Such a seed is caught by `search` instead.
     unobservable: str = ""
+    # "module:function(budget_s, seed) -> dict": a property search over the 0.5.23 path that does show
+    # the seed, run in place of a machine target; `calls` are then its minimized arguments (a replay).
+    search: str = ""
+    replay: str = ""  # "module:function(calls) -> list of disagreements", the search's replay
 
 
 def _load() -> None:
@@ -195,7 +201,10 @@ SEEDS: dict[int, Seed] = {
                 where="HybridCacheController.allocate_storage_hit (allow_partial) in 0.5.23; FULL-only target: "
                       "the truncation is no longer mamba-specific"),
     23427: Seed(23427, "move_hybrid_indices rewrites the tree's PoolTransfer indices in place",
-                "sglang-hicache-mamba", seed_23427, (),
+                "sglang-hicache-mamba", seed_23427, ("SWA page",),
+                calls=([1] * 12, [1] * 7 + [2]),
+                search="conformance.targets.sglang.decode_offload:search",
+                replay="conformance.targets.sglang.decode_offload:offload_and_read_back",
                 where="HybridCacheController.move_hybrid_indices in 0.5.23 (start_writing / start_loading "
                       "move the queued operation's indices just before the copy)",
                 unobservable="0.5.23 commits a backup or load-back onto its nodes when the operation is "
@@ -217,9 +226,11 @@ SEEDS: dict[int, Seed] = {
                              "(SWA-hybrid unified pool, layer-first direct IO, file L3) and the second one's "
                              "SWA pages land in L3 under each other's keys (sorted host indices against "
                              "token-ordered keys; its KV pages stay right), clean 0.5.23 none "
-                             "(test_seeds.py). No machine target drives that path: only the SWA sidecar "
+                             "(test_seeds.py). No machine target drives that path (only the SWA sidecar "
                              "goes through a PoolTransfer, and reading it back needs an SWA HiCache tree "
-                             "with L3, which the conformance machine does not model (sidecar: mamba only)"),
+                             "with L3, which the conformance machine does not model), so `search` hunts "
+                             "it there: decode_offload.search draws sequences of finished requests and "
+                             "judges every stored page by the prefix it must hold"),
     23696: Seed(23696, "tombstone cascade deletes a node a prefetch or backup still holds by host reference",
                 "sglang-hicache-python-write-back-storage-small-l2", seed_23696, ("R1: host pool", "KeyError"),
                 calls=(("insert", [1, 1, 2, 2]), ("insert", [1, 1, 2, 2, 3, 3, 4, 4]),
@@ -247,9 +258,31 @@ def replay_seed(seed_id: int, patched: bool, calls: list | None = None) -> str |
     s = SEEDS[seed_id]
     if s.patch is None:
         raise ValueError(f"seed {seed_id} is not reverted yet: {s.where}")
+    ctx = s.patch() if patched else contextlib.nullcontext()
+    if s.replay:
+        with ctx:
+            wrong = _resolve(s.replay)([list(c) for c in (calls if calls is not None else s.calls)])
+        return "; ".join(wrong) or None
     if s.unobservable and calls is None:
         raise ValueError(f"seed {seed_id} has no replay: {s.unobservable}")
-    ctx = s.patch() if patched else contextlib.nullcontext()
     with ctx:
         err = replay(machine(s.target), [tuple(c) for c in (calls if calls is not None else s.calls)])
     return None if err is None else f"{type(err).__name__}: {err}"
+
+
+def _resolve(ref: str) -> Callable:
+    mod, _, fn = ref.partition(":")
+    return getattr(importlib.import_module(mod), fn)
+
+
+def run_search(seed_id: int, budget_s: float, seed: int = 0) -> dict:
+    """Seed `seed_id`'s property search with the seed reverted: {seed, target, caught, seconds,
+    operations, check, examples, calls}. Loads sglang 0.5.23 in this process."""
+    s = SEEDS[seed_id]
+    _load()
+    with s.patch():
+        r = _resolve(s.search)(budget_s, seed)
+    caught = r["caught"] and any(x in (r["check"] or "") for x in s.signs)
+    return {"seed": seed_id, "target": f"search {s.search.rpartition(':')[0].rpartition('.')[2]}", "caught": caught,
+            "seconds": r["seconds"], "operations": r["operations"], "check": r["check"], "examples": r["examples"],
+            "calls": r["calls"]}
