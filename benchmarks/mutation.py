@@ -69,7 +69,8 @@ TOOL = "cosmic-ray"
 DEFAULT_OUT = REPO / "reports" / "mutation.json"
 DEFAULT_TRIAGE = REPO / "reports" / "mutation_triage.toml"
 STATUSES = ("killed-by-campaign", "killed-by-tests-only", "timeout", "survived", "error")
-VERDICTS = ("equivalent", "benign")
+VERDICTS = ("equivalent", "benign", "gap")  # a gap stays a miss in every score until a check kills it
+EXCLUDED = ("equivalent", "benign")  # what leaves the non-equivalent scores' denominators
 _TYPE_CHECKING = ("TYPE_CHECKING", "typing.TYPE_CHECKING")
 _MESSAGE_CALLS = re.compile(r"^(log|logger|logging|_log|_logger|warnings|warn)\b")
 
@@ -358,6 +359,7 @@ class Settings:
     test_factor: float
     test_min_s: float
     mode: str
+    tests_only: bool = False  # the listed mutants survived the campaign already: run their unit tests only
 
 
 def classify_campaign(child: Child) -> dict[str, Any] | None:
@@ -470,6 +472,19 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
                                                "examples": settings.examples_per_slice},
                            mode=settings.mode, log=slot.sandbox.path / ".check.log").start()
 
+    def start_tests_only(slot: _Slot, m: Mutant) -> None:
+        """A mutant an earlier run's campaign left alive: straight to the unit tests that cover it."""
+        _, mutated = mutant_source(m, root)
+        slot.sandbox.apply(m.path, mutated)
+        slot.mutant, slot.t0 = m, time.monotonic()
+        slot.record = {**mutant_record(m), "campaign_s": None, "tests_s": None, "campaign": "survived (earlier run)"}
+        ids, source = selector.select(m) if selector else ([], "off")
+        slot.record.update(tests_selected=len(ids), tests_from=source)
+        if ids:
+            start_tests(slot, ids)
+        else:
+            finish(slot, {"status": "survived"})
+
     def start_tests(slot: _Slot, ids: list[str]) -> None:
         slot.phase = "tests"
         slot.child = Child(slot.sandbox.path, {"phase": "tests", "ids": ids}, mode=settings.mode,
@@ -496,8 +511,10 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
                 pending.clear()
                 break
             for slot in slots:
-                if slot.child is None and pending:
-                    start_campaign(slot, pending.popleft())
+                while slot.child is None and pending:
+                    (start_tests_only if settings.tests_only else start_campaign)(slot, pending.popleft())
+                    if not settings.tests_only:
+                        break
             active = [s.child for s in slots if s.child is not None and not s.child.eof]
             if active:
                 select.select(active, [], [], 0.25)
@@ -592,7 +609,7 @@ def tables(mutants: list[dict[str, Any]], triage: dict[str, dict[str, str]]) -> 
             killed = sum(m["status"] in killed_statuses for m in ms)
             timeout = sum(m["status"] == "timeout" and (view == "suite" or m.get("check") == "campaign") for m in ms)
             error = sum(m["status"] == "error" for m in ms)
-            excluded = [m for m in ms if m["status"] == "survived" and m["id"] in triage]
+            excluded = [m for m in ms if m["status"] == "survived" and triage.get(m["id"], {}).get("verdict") in EXCLUDED]
             equiv = sum(triage[m["id"]]["verdict"] == "equivalent" for m in excluded)
             n = len(ms)
             rows.append({"module": mod, "mutants": n, "killed": killed, "timeout": timeout,
@@ -667,7 +684,8 @@ def markdown(data: dict[str, Any], triage: dict[str, dict[str, str]], triage_pat
         "",
         "Statuses: killed-by-campaign; killed-by-tests-only (the campaign missed it); timeout (a machine or a test "
         "ran past its limit: counted as killed, shown apart); survived. The non-equivalent score leaves out "
-        "survivors triaged `equivalent` or `benign`.",
+        "survivors triaged `equivalent` or `benign`; a survivor triaged `gap` (a fault the campaign should catch "
+        "and does not yet, with what it lacks) stays counted as missed.",
         "",
         format_table(t["campaign"], "By the campaign alone"),
         "",
@@ -706,7 +724,17 @@ def markdown(data: dict[str, Any], triage: dict[str, dict[str, str]], triage_pat
     if timeouts:
         lines += ["", f"## Timeouts ({len(timeouts)})", ""]
         lines += [f"- `{m['id']}` {m['module']}.py:{m['line']} `{_md(m['diff'])}`: {m.get('killed_by', '')}" for m in timeouts]
-    stale = [mid for mid in triage if any(m["id"] == mid and m["status"] not in ("survived",) for m in ms)]
+    gaps = [m for m in survivors if triage.get(m["id"], {}).get("verdict") == "gap"]
+    untriaged = [m for m in survivors if m["id"] not in triage]
+    lines += ["", f"Survivors by triage: {len(survivors) - len(gaps) - len(untriaged)} equivalent or benign, "
+              f"{len(gaps)} open gaps, {len(untriaged)} untriaged."]
+    closed = [mid for mid in triage if triage[mid]["verdict"] == "gap"
+              and any(m["id"] == mid and m["status"] != "survived" for m in ms)]
+    if closed:
+        lines += ["", "Gaps closed since triage (killed in this report; the entry can go): "
+                  + ", ".join(f"`{x}`" for x in closed)]
+    stale = [mid for mid in triage if triage[mid]["verdict"] != "gap"
+             and any(m["id"] == mid and m["status"] not in ("survived",) for m in ms)]
     if stale:
         lines += ["", "Triaged but killed in this run (the triage is wrong, or a check is flaky): "
                   + ", ".join(f"`{x}`" for x in stale)]
@@ -800,6 +828,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the results already in --out (same mutant ids and lines) and check only the others")
     ap.add_argument("--stop-after", type=float, default=None, metavar="S",
                     help="stop starting checks after S seconds and write the report (for runs under a time limit)")
+    ap.add_argument("--tests-only", action="store_true",
+                    help="with --recheck --ids: the listed mutants survived the campaign in --out already; run only "
+                         "the unit tests that cover each (list every campaign survivor to measure the whole suite)")
     ap.add_argument("--remap", action="store_true", help="recompute the coverage map even if it is fresh")
     ap.add_argument("--rev", default=None, help="mutate and test this commit (git archive) instead of the working tree")
     ap.add_argument("--spawn", action="store_true", help="start each check as a new interpreter instead of forking")
@@ -817,6 +848,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in args.modules if not (REPO / "refcache" / f"{m}.py").exists()]
     if unknown:
         ap.error(f"no refcache module {unknown}")
+    if args.tests_only and (args.no_tests or not args.recheck or args.ids is None):
+        ap.error("--tests-only re-checks listed campaign survivors with their unit tests: it needs --recheck --ids FILE "
+                 "and not --no-tests")
 
     if args.report_only:
         data = json.loads(args.out.read_text())
@@ -838,7 +872,7 @@ def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: l
     mode = "spawn" if args.spawn or args.device == "cuda" or not can_fork() else "fork"
     n_machines = 9  # until the baseline names them; only splits the budget
     settings = Settings(round(args.budget_per_mutant / n_machines, 3), args.examples_per_slice, args.seed, not args.no_tests,
-                        args.test_timeout_factor, args.test_timeout_min, mode)
+                        args.test_timeout_factor, args.test_timeout_min, mode, args.tests_only)
     if args.list:
         per = collections.Counter(m.module for m in mutants)
         for m in mutants:

@@ -74,3 +74,38 @@ def test_cosmic_ray_enumerates_pages_and_its_page_align_mutant_is_killed(sandbox
     finally:
         sandbox.restore()
     assert verdict["status"] == "killed-by-tests-only", verdict
+
+
+@pytest.mark.parametrize("argv", [["--tests-only"], ["--tests-only", "--recheck"], ["--tests-only", "--no-tests"]])
+def test_tests_only_needs_a_recheck_of_listed_survivors(argv, capsys):
+    """`--tests-only` trusts an earlier campaign verdict, so it only runs over a listed recheck."""
+    from benchmarks.mutation import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and "--tests-only re-checks listed campaign survivors" in capsys.readouterr().err
+
+
+def test_whole_suite_counts_test_kills_the_campaign_view_does_not():
+    """The two figures of the report: a mutant the unit tests killed after the campaign missed it
+    counts for the whole suite only."""
+    from benchmarks.mutation import tables
+
+    ms = [{"id": "a", "module": "pages", "status": "killed-by-campaign"},
+          {"id": "b", "module": "pages", "status": "killed-by-tests-only", "check": "tests"},
+          {"id": "c", "module": "pages", "status": "survived"}]
+    t = tables(ms, {})
+    assert (t["campaign"][-1]["killed"], t["suite"][-1]["killed"]) == (1, 2)
+    assert t["suite"][-1]["score"] == pytest.approx(2 / 3) and t["campaign"][-1]["score"] == pytest.approx(1 / 3)
+
+
+def test_a_gap_stays_a_miss_while_equivalent_and_benign_leave_the_denominator():
+    from benchmarks.mutation import tables
+
+    ms = [{"id": "k", "module": "pages", "status": "killed-by-campaign"},
+          {"id": "e", "module": "pages", "status": "survived"},
+          {"id": "g", "module": "pages", "status": "survived"}]
+    gap = tables(ms, {"e": {"verdict": "equivalent", "reason": ""}, "g": {"verdict": "gap", "reason": ""}})
+    benign = tables(ms, {"e": {"verdict": "equivalent", "reason": ""}, "g": {"verdict": "benign", "reason": ""}})
+    assert gap["campaign"][-1]["score_non_equivalent"] == pytest.approx(1 / 2)
+    assert benign["campaign"][-1]["score_non_equivalent"] == pytest.approx(1.0)
