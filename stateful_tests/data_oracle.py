@@ -52,7 +52,8 @@ def write_device(cache: HiCache, slots: torch.Tensor, pages: torch.Tensor) -> No
 def write_request(cache: HiCache, tokens: Sequence[int], evict: bool = True) -> torch.Tensor:
     """A forward pass's KV: allocate L1 slots for `tokens` (maybe evicting) and write the pages
     the specification says these tokens hold. Raises what `alloc_device` raises."""
-    idx = cache.alloc_device(len(tokens), evict=evict)
+    # evicting is the documented default: call it bare, so a changed default shows
+    idx = cache.alloc_device(len(tokens)) if evict else cache.alloc_device(len(tokens), evict=False)
     if len(tokens):
         write_device(cache, idx, pages_kv(tuple(tokens), geometry(cache)))
     return idx
@@ -60,7 +61,7 @@ def write_request(cache: HiCache, tokens: Sequence[int], evict: bool = True) -> 
 
 def write_state(cache: HiCache, tokens: Sequence[int], evict: bool = True) -> torch.Tensor:
     """A forward pass's final recurrent state: one L1 mamba slot holding the state of `tokens`."""
-    slot = cache.alloc_mamba(evict=evict)
+    slot = cache.alloc_mamba() if evict else cache.alloc_mamba(evict=False)  # the default evicts
     c = cache.config
     data = cache.device_state.data
     data[int(slot.view(-1)[0])] = state(tuple(tokens), c.mamba_state_dim, c.dtype).to(data.device)

@@ -19,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from models.contents import pages_kv
-from refcache import CacheConfig, HiCache, InvalidIndicesError
+from refcache import CacheConfig, HiCache, InvalidIndicesError, PoolExhaustedError
 from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import MemoryStorage
 from refcache.transfer import DeterministicExecutor
@@ -190,7 +190,33 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
     expect(not cache.check_invariants(check_data=False), f"invariants: {cache.check_invariants()[:2]}")
     _refusals(cache, expect)
     _crowded_prefetches(cfg, tokens[:whole], expect)
+    _one_page_short(cfg, tokens[:whole], expect)
     return errs
+
+
+def _one_page_short(cfg: CacheConfig, tokens: list[int], expect) -> None:
+    """L1 exactly one page short: the caller holds every free slot and the tree holds the request,
+    backed up (write-through) and unlocked. One more page, and one more mamba state, must come by
+    eviction, as the defaults allow: free plus evictable covers them. (At page size 1 the shortfall
+    is one token, which a room test off by one lets through.)"""
+    ps = cfg.page_size
+    cache = HiCache(replace(cfg, write_policy="write_through"), executor=DeterministicExecutor(auto_complete=True))
+    cache.insert(tokens, write_request(cache, tokens), write_state(cache, tokens) if cfg.has("mamba") else None)
+    _settle(cache)
+    held = cache.alloc_device(cache.device_kv.allocator.available(), evict=False)
+    states = []
+    while cfg.has("mamba") and cache.device_state.allocator.available():
+        states.append(cache.alloc_mamba(evict=False))
+    try:
+        one = cache.alloc_device(ps)
+        expect(one.numel() == ps, f"an allocation of one page on a full L1 gave {one.numel()} slots")
+        if cfg.has("mamba"):
+            cache.alloc_mamba()
+    except PoolExhaustedError as e:
+        expect(False, f"L1 one page (or one state) short, with the request's pages evictable: {e}")
+    cache.free_device(held)
+    for slot in states:
+        cache.free_mamba(slot)
 
 
 def _crowded_prefetches(cfg: CacheConfig, tokens: list[int], expect) -> None:

@@ -729,6 +729,11 @@ class CacheMachine(RuleBasedStateMachine):
         done = fresh.poll()
         self._expect(op is None or (op in done and op.state == OpState.DONE and node.host_value is not None),
                      f"a default-built cache left backup {op} {op and op.state.value} after its first poll")
+        # with no storage tier there is nothing to prefetch: None, and nothing changes
+        before = (len(fresh.ops), fresh.host_kv.allocator.available())
+        self._expect(fresh.prefetch("no-l3", fresh.root, list(tokens) + [1] * PS) is None
+                     and (len(fresh.ops), fresh.host_kv.allocator.available()) == before,
+                     "prefetch on a cache without L3 started something")
         # the defaults evict: all of L1 (SWA: all it can hold; every mamba slot) can be had, the tree's
         # copy being on L2;
         # and the default invariant check does not read data a user's model wrote (here: none)
