@@ -23,8 +23,9 @@ CASES = {
     # makes storage answer for pages it does not hold)
     "weak_hash_collides": ("bytes of this prefix", "bytes that are not this prefix's", "by the model L3 holds"),
     "match_forgets_recency": "not least recently used",  # the model's own recency
-    # allocation must succeed (the machine's own allocations, or a default-built cache's)
-    "alloc_refuses_when_all_evictable_needed": ("freeable", "whose data is all evictable"),
+    # allocation must succeed (the machine's own allocations, a default-built cache's, or L1 one page
+    # short in another geometry)
+    "alloc_refuses_when_all_evictable_needed": ("freeable", "whose data is all evictable", "one page (or one state) short"),
     "write_through_skips_passed_nodes": "due for backup",  # write-through must back up
     "storage_exists_counts_past_a_hole": "by the model L3 holds",  # the model's own account of L3
 }
