@@ -478,7 +478,11 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
         slot.sandbox.apply(m.path, mutated)
         slot.mutant, slot.t0 = m, time.monotonic()
         slot.record = {**mutant_record(m), "campaign_s": None, "tests_s": None, "campaign": "survived (earlier run)"}
-        ids, source = selector.select(m) if selector else ([], "off")
+        tests_or_survived(slot)
+
+    def tests_or_survived(slot: _Slot) -> None:
+        """The unit tests covering the slot's mutant, or `survived` when none cover it (or --no-tests)."""
+        ids, source = selector.select(slot.mutant) if (selector and settings.tests) else ([], "off")
         slot.record.update(tests_selected=len(ids), tests_from=source)
         if ids:
             start_tests(slot, ids)
@@ -511,10 +515,8 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
                 pending.clear()
                 break
             for slot in slots:
-                while slot.child is None and pending:
+                while slot.child is None and pending:  # (a mutant no test covers frees its slot at once)
                     (start_tests_only if settings.tests_only else start_campaign)(slot, pending.popleft())
-                    if not settings.tests_only:
-                        break
             active = [s.child for s in slots if s.child is not None and not s.child.eof]
             if active:
                 select.select(active, [], [], 0.25)
@@ -529,13 +531,8 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
                     verdict = classify_campaign(child)
                     if verdict is not None:
                         finish(slot, verdict)
-                        continue
-                    ids, source = selector.select(slot.mutant) if (selector and settings.tests) else ([], "off")
-                    slot.record.update(tests_selected=len(ids), tests_from=source)
-                    if not ids:
-                        finish(slot, {"status": "survived"})
-                        continue
-                    start_tests(slot, ids)
+                    else:
+                        tests_or_survived(slot)
                 else:
                     slot.record["tests_s"] = round(child.seconds, 2)
                     finish(slot, classify_tests(child))

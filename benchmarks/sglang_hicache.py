@@ -36,18 +36,7 @@ import shutil
 import sys
 import types
 
-from conformance.targets.sglang.jit import (  # noqa: F401 - the build lives there; re-exported here
-    LOG,
-    SGLangUnavailable,
-    build,
-    build_dir,
-    commands,
-    cuda_home,
-    module_key,
-    root_dir,
-    target_tag,
-    tvm_ffi_dir,
-)
+from conformance.targets.sglang.jit import LOG, SGLangUnavailable, root_dir, target_tag, tvm_ffi_dir
 from conformance.targets.sglang.jit import load_jit as _load_jit
 
 OPS_REL = "sglang/kernels/ops/kvcache/hicache.py"

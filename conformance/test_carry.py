@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,26 +38,18 @@ def test_pack_keeps_sources_and_leaves_out_extensions_and_unused_folders(packed)
     assert sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) < 40e6  # fits a 64 MiB carry
 
 
-def test_packed_copy_runs_the_python_core_and_refuses_the_rust_one(packed):
+def test_packed_copy_runs_the_python_core_and_refuses_the_rust_one(packed, monkeypatch):
     """With the packed home the Python-core target runs clean for a few seconds; the Rust-core
     targets say why they cannot run (no extension for this Python) instead of failing inside."""
-    env = {"REFCACHE_SGLANG_HOME": str(packed / "home"), "REFCACHE_SGLANG_TRIMMED": "1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        r = run_fresh("""
+    monkeypatch.setenv("REFCACHE_SGLANG_HOME", str(packed / "home"))  # seen by the fresh interpreter
+    monkeypatch.setenv("REFCACHE_SGLANG_TRIMMED", "1")
+    r = run_fresh("""
 import json
 from conformance.runner import run_target, unavailable_reason
 r = run_target("sglang-hicache-python-storage", 3, seed=0)
 print(json.dumps({"steps": r["steps"], "violations": r["violations"], "report": r["failure_report"],
                   "rust": unavailable_reason("sglang-hicache-rust"), "py": unavailable_reason("sglang-hicache-python")}))
 """)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     assert r["violations"] == 0 and r["steps"] > 0, r["report"]
     assert r["py"] == ""
     assert "Rust tree core is not built for this Python" in r["rust"], r["rust"]

@@ -156,8 +156,6 @@ def build(name: str, *args: str, cuda_files: list[str], cuda_wrappers: list[tupl
     return so
 
 
-
-
 def load_jit(*args, cuda_files=None, cuda_wrappers=None, **kw):
     if kw.get("cpp_files") or kw.get("extra_cuda_cflags") or kw.get("extra_dependencies"):
         raise SGLangUnavailable(f"load_jit options this stand-in does not implement: {sorted(kw)}")
