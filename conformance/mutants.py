@@ -114,6 +114,58 @@ def _hicache_split_drops_host():
     return mock.patch.object(UnifiedTreeCore, "_split_node", split)
 
 
+def _swa_component():
+    from .targets.sglang.common import HICACHE_REAL
+
+    shim.load(runner.TARGETS["sglang-hicache-swa"].sglang, real=HICACHE_REAL)
+    from sglang.srt.mem_cache.unified_cache.components.swa import SWAComponent
+
+    return SWAComponent
+
+
+def _swa_load_back_keeps_mapping():
+    """A load-back gives the nodes their reloaded SWA slots but leaves the full-to-SWA mapping as it
+    was: the attention kernels, which reach SWA KV through that mapping, read stale slots."""
+    cls = _swa_component()
+    from sglang.srt.mem_cache.unified_cache.cache_action import RebuildFullToSWAMapping
+
+    orig = cls.commit_hicache_transfer
+
+    def commit(self, node, phase, transfers=(), *, cache_actions, **k):
+        orig(self, node, phase, transfers, cache_actions=cache_actions, **k)
+        cache_actions[:] = [a for a in cache_actions if not isinstance(a, RebuildFullToSWAMapping)]
+
+    return mock.patch.object(cls, "commit_hicache_transfer", commit)
+
+
+def _swa_match_ignores_window():
+    """The match validator accepts any node holding SWA KV, however short the run of SWA KV before
+    it: a match may end where sliding-window attention lacks the tokens it reads."""
+    cls = _swa_component()
+
+    def create(self, match_device_only=False):
+        ct = self.component_type
+
+        def validator(node):
+            cd = node.component_data[ct]
+            return cd.value is not None or (not match_device_only and cd.host_value is not None)
+
+        return validator
+
+    return mock.patch.object(cls, "create_match_validator", create)
+
+
+def _swa_insert_skips_recovery():
+    """An insert over nodes whose SWA KV was evicted keeps the tombstones (it never takes the
+    request's SWA KV for them): the inserted prefix's window is not on device afterwards."""
+    cls = _swa_component()
+
+    def overlap(self, node, prefix_len, total_prefix_len, value_slice, params, result, cache_actions):
+        return prefix_len
+
+    return mock.patch.object(cls, "update_component_on_insert_overlap", overlap)
+
+
 MUTANTS: dict[str, Mutant] = {
     "refcache-split-drops-lock": Mutant("refcache", "a split gives the upper node no lock count",
                                         _refcache_split_drops_lock, ("T2", "R2")),
@@ -130,6 +182,15 @@ MUTANTS: dict[str, Mutant] = {
                                               _hicache_split_drops_host,
                                               ("R1: host pool", "sanity_check", "device match after load_back",
                                                "lost host")),
+    "sglang-hicache-swa-load-back-keeps-mapping": Mutant(
+        "sglang-hicache-swa", "a load-back leaves the full-to-SWA mapping stale", _swa_load_back_keeps_mapping,
+        ("D1",)),
+    "sglang-hicache-swa-match-ignores-window": Mutant(
+        "sglang-hicache-swa", "a match may end where the SWA window is incomplete", _swa_match_ignores_window,
+        ("match (device, best)", "D1")),
+    "sglang-hicache-swa-insert-skips-recovery": Mutant(
+        "sglang-hicache-swa", "an insert keeps its path's SWA tombstones", _swa_insert_skips_recovery,
+        ("do not all hold SWA KV",)),
 }
 
 

@@ -264,3 +264,30 @@ print(json.dumps({{"hit": hit, "locked": t.locked_prefix(lock), "view": view, "h
     assert r["hit"] and r["locked"] == [3, 3] and r["host_hit"] == 2, r
     assert r["view"] == {"[3, 3]": [True, False, 1], "[1, 1]": [True, False, 0], "[1, 2]": [False, True, 0]}, r
     assert r["checks"] == [] and r["replay"] is None, r
+
+
+# FULL + SWA (sglang-hicache-swa*): two contract differences, each judged under its own rule.
+SWA_LAST_HOST = [["insert", [1, 1, 1, 1]], ["insert", [3, 3, 1, 1, 1, 1, 1, 1, 1, 1]], ["load_back", [1, 1, 1, 1]],
+                 ["insert", [3, 3, 2, 2, 1, 1, 1, 1]], ["insert", [1, 1, 1, 1, 1, 1, 1, 1, 2, 2]],
+                 ["match", [3, 3, 1, 1, 1, 1, 1, 1, 1, 1]]]
+SWA_HOST_HIT = [["insert", [1, 1, 1, 1]], ["insert", [1, 1]], ["evict", 1], ["insert", [1, 1, 1, 1]],
+                ["insert", [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]], ["match", [1, 1, 1, 1]]]
+
+
+@pytest.mark.parametrize("name, calls, shows", [
+    # last_host_node is best_match_node: [3,3] holds full KV and a host SWA copy, [3,3,1,1,1,1] only a
+    # host copy of its full KV (its SWA host copy was evicted), so the deepest page with KV is 6
+    # tokens deep but the deepest node both components accept is 2.
+    ("sglang-hicache-swa", SWA_LAST_HOST, "match (last_host, host_hit) = (2, 2), model says (6, 2)"),
+    # host_hit_length counts the backed-up tokens between the device match and the best match: under
+    # selective write-through [1,1] is backed up and [1,1,1,1] is not; both hold full KV on device, but
+    # [1,1]'s SWA KV is on host only, so the device match is 0, the best 4, and SGLang's host hit 2.
+    ("sglang-hicache-swa-selective", SWA_HOST_HIT, "match (last_host, host_hit) = (4, 2), model says (4, 4)"),
+])
+def test_swa_contract_differences(name, calls, shows):
+    """Each difference shows when the target's allowances are lifted, and its own rule (the machine's
+    `last-host-is-best` / `host-hit-is-backed-up`) accepts the same operations."""
+    _skip_unless_installed()
+    err = runner.replay_calls(name, calls, strict=True)
+    assert err is not None and shows in err, err
+    assert runner.replay_calls(name, calls) is None

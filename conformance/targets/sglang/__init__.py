@@ -109,3 +109,11 @@ TARGETS["sglang-hicache-mamba-storage-timeout"] = TargetSpec(
     "SGLang 0.5.23 HiCache (FULL+MAMBA), Python tree core, write_through, file storage backend (L3), "
     "prefetch stop policy timeout, page 1", 1, args=("write_through", "timeout"),
     machine="conformance.machine_storage:StorageMachine")
+# Full + sliding-window attention (window 4 tokens): the SWA host-pool strategy, SWA tombstones.
+TARGETS.update({
+    f"sglang-hicache-swa{suffix}": TargetSpec(
+        "conformance.targets.sglang.v0_5_23_hicache_swa:SGLangUniHiSWA", V_NEW,
+        f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+SWA, window 4), Python tree core, {policy}, "
+        "direct IO, page 2; CPU stand-ins for the copies (and, without a GPU, for pinning)", args=(policy,))
+    for policy, suffix in _POLICIES.items()
+})

@@ -1,0 +1,246 @@
+"""SGLang 0.5.23's HiCache for hybrid sliding-window models: `UnifiedRadixCache` with FULL + SWA
+components and `init_hicache` (the SWA host-pool strategy: a host KV pool and a host SWA pool behind
+one `HybridCacheController`), Python tree core, page 2, sliding window 4 tokens.
+
+Built as a server builds it: an `SWAKVPool` (one full-attention layer, one sliding-window layer, the
+SWA pool smaller than the full one, so SWA eviction tombstones nodes while their full KV stays), the
+`SWATokenToKVPoolAllocator` that maps every full slot to its SWA slot, and the real controller. On a
+CPU the copies and pinning are torch stand-ins (`kernels.py`); on a GPU the copies are torch copies
+on CUDA tensors (direct IO), the tree, controller, pools and bookkeeping SGLang's.
+
+The abstraction reads the Python core's nodes: per node, the FULL and SWA device and host values.
+A page's `swa` flag is "the SWA component holds device KV for it", so the model's match rule (the
+`window` tokens before a match end hold SWA KV, or the run reaches the root) judges SGLang's
+validator. Data is read, never assumed: every full slot's K holds an id of the prefix written there,
+and so does every SWA slot, and a match's SWA bytes are read through the allocator's full-to-SWA
+mapping, as the attention kernels reach them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.abstract import Model, Page, Prefix
+
+from ...target import CORE_OPS, Inserted, TargetError, TargetInfo
+from . import shim
+from .common import HICACHE_REAL, V_NEW, cpu_stand_ins
+from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SGLangUniHiCache
+
+
+class SGLangUniHiSWA(SGLangUniHiCache):
+    """`UnifiedRadixCache` with FULL + SWA and HiCache on. `policy`: hicache_write_policy."""
+
+    WINDOW = 4  # sliding_window_size, in tokens (two pages)
+    SWA_TOKENS = 12  # the SWA device pool, smaller than the full pool's 16
+
+    def __init__(self, policy: str = "write_through"):
+        shim.load(V_NEW, real=HICACHE_REAL)
+        from sglang.srt.mem_cache import base_prefix_cache as b
+        from sglang.srt.mem_cache import cache_init_params as cip
+        from sglang.srt.mem_cache import radix_cache as r
+        from sglang.srt.mem_cache.allocator.swa import SWATokenToKVPoolAllocator
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+        from sglang.srt.mem_cache.swa_memory_pool import SWAKVPool
+        from sglang.srt.mem_cache.unified_cache.component_type import ComponentType
+        from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+        from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+        self.b, self.r = b, r
+        self.FULL, self.SWA = ComponentType.FULL, ComponentType.SWA
+        self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
+        cpu_stand_ins(pinning=dev == "cpu")
+        ps, n = 2, 16
+        self.policy, self.core = policy, "python"
+        self.info = TargetInfo(f"sglang-hicache-swa{POLICY_SUFFIX[policy]}", page_size=ps, sidecar="swa",
+                               device_tokens=n, ops=CORE_OPS | {"load_back"}, host=True, sglang=V_NEW,
+                               exact_locks=False, stamps=False, allow=KNOWN_HI | {"last-host-is-best", "host-hit-is-backed-up"},
+                               notes=f"on {dev}" + (" (CPU stand-ins for pinning and copies)" if dev == "cpu"
+                                                    else " (direct IO with torch copies)"))
+        sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
+                        hicache_mem_layout="page_first_direct", hicache_write_policy=policy, hicache_ratio=1.5,
+                        device=dev, **self._storage(None, ps))
+        set_global_server_args_for_scheduler(sa)
+        self.kv = SWAKVPool(size=n, size_swa=self.SWA_TOKENS, page_size=ps, dtype=torch.bfloat16, head_num=2,
+                            head_dim=8, swa_attention_layer_ids=[1], full_attention_layer_ids=[0], device=dev,
+                            enable_memory_saver=False)
+        self.alloc_ = SWATokenToKVPoolAllocator(size=n, size_swa=self.SWA_TOKENS, page_size=ps,
+                                                dtype=torch.bfloat16, device=dev, kvcache=self.kv, need_sort=False)
+        params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
+                                     page_size=ps, tree_components=(ComponentType.FULL, ComponentType.SWA),
+                                     tree_core_backend="python", sliding_window_size=self.WINDOW)
+        self.cache = UnifiedRadixCache(params)
+        self.cache.init_hicache(sa, params)
+        self.cache.load_back_threshold = 0
+        entries = self.cache.host_pool_group.entry_map
+        self.host_kv, self.host_swa = entries[PoolName.KV].host_pool, entries[PoolName.SWA].host_pool
+        if dev == "cpu":
+            for host in (self.host_kv, self.host_swa):
+                host.pin_memory = False
+        self.tc = self.cache.tree_core
+        self.root = self.tc.root_node_handle()
+        self.k0 = self.kv.full_kv_pool.get_key_buffer(0)
+        self.s0 = self.kv.swa_kv_pool.get_key_buffer(0)
+        self.ids: dict[Prefix, int] = {}
+        self.prefixes: list[Prefix] = []
+        self.prefix_of: dict = {}
+        self.node_prefix_: dict[int, Prefix] = {}
+        self.live: set[int] = set()
+        self.top = self.root
+
+    # ----------------------------------------------------------------- data in the KV
+    def _write_to(self, buf: torch.Tensor, slots: torch.Tensor, tokens: list[int]) -> None:
+        for i, s in enumerate(slots.tolist()):
+            x, row = self._id(tuple(tokens[: i + 1])), buf[s].view(-1)
+            for d in range(self.DIGITS):
+                row[d] = float(x % 128)
+                x //= 128
+
+    def _read_from(self, buf: torch.Tensor, slot: int) -> Prefix | None:
+        row = buf[slot].view(-1)[: self.DIGITS].float().tolist()
+        x = sum(int(v) * 128**d for d, v in enumerate(row))
+        return self.prefixes[x - 1] if 0 < x <= len(self.prefixes) else None
+
+    def _to_swa(self, full: list[int]) -> list[int]:
+        """The SWA slots the attention kernels read for `full` slots (the allocator's mapping)."""
+        return self.alloc_.full_to_swa_index_mapping[torch.tensor(full, dtype=torch.int64)].tolist() if full else []
+
+    def data_ok(self, tokens, m) -> bool:
+        """D1: the served full slots hold the prefix, and so do the SWA slots they map to within the
+        window before the match end (what sliding-window attention reads)."""
+        want = [tuple(tokens[: i + 1]) for i in range(len(m.device_indices))]
+        if [self._read(s) for s in m.device_indices] != want:
+            return False
+        tail = m.device_indices[max(0, len(m.device_indices) - self.WINDOW):]
+        return [self._read_from(self.s0, s) for s in self._to_swa(tail)] == want[len(want) - len(tail):]
+
+    # ----------------------------------------------------------------- driving
+    def alloc(self, tokens):
+        """Full and SWA slots for `tokens`, as `SWATokenToKVPoolAllocator.alloc` takes them for page 1
+        (each sub-allocator is paged here), evicting what either pool lacks first."""
+        n, a = len(tokens), self.alloc_
+        short_full, short_swa = n - a.full_available_size(), n - a.swa_available_size()
+        if short_full > 0 or short_swa > 0:
+            self.cache.evict(self.b.EvictParams(num_tokens=max(0, short_full), swa_num_tokens=max(0, short_swa)))
+            self._settle()
+        if n > a.full_available_size() or n > a.swa_available_size():
+            raise TargetError(f"{n} tokens needed, {a.full_available_size()} full and {a.swa_available_size()} "
+                              "SWA free after eviction")
+        full, swa = a.full_attn_allocator.alloc(n), a.swa_attn_allocator.alloc(n)
+        a.set_full_to_swa_mapping(full, swa)
+        self._write_to(self.k0, full, tokens)
+        self._write_to(self.s0, swa, tokens)
+        return full
+
+    def insert(self, tokens, kv):
+        before = self._device_pages(tokens)
+        res = self.cache.insert(self.b.InsertParams(key=self._key(tokens), value=kv, track_adopted_ranges=True))
+        self._settle()
+        return Inserted(self.cached_len_swa(res, before))
+
+    def cached_len_swa(self, res, on_device: set[int]) -> int:
+        """The spec's cached_len. Contract difference, mapped here: besides the host-only nodes it
+        adopts (see `cached_len`), 0.5.23 swaps in the request's full KV for a node whose SWA was
+        evicted (SWA recovery, `_recover_from_incoming`); that page was on device before, so the
+        adopted range stops the device prefix only where its pages were not (`on_device`: the ends of
+        the pages of `tokens` with full device KV before the insert)."""
+        ps, starts = self.info.page_size, []
+        for a, e in (res.adopted_ranges or {}).get(self.FULL, []):
+            starts += [p for p in range(a, e, ps) if p + ps not in on_device][:1]
+        return min([res.prefix_len, *starts])
+
+    def _device_pages(self, tokens) -> set[int]:
+        """The ends of the pages of `tokens` whose full KV is on device, read from the nodes."""
+        out, node, pos = set(), self.tc.root_node, 0
+        while pos < len(tokens):
+            child = node.children.get(self._child_key(tokens[pos:]))
+            if child is None:
+                break
+            key, ps = list(child.key.token_ids), self.info.page_size
+            rest = tokens[pos:pos + len(key)]
+            same = next((i for i, (x, y) in enumerate(zip(key, rest, strict=False)) if x != y), len(rest))
+            if child.component_data[self.FULL].value is not None:
+                out |= set(range(pos + ps, pos + same // ps * ps + 1, ps))
+            if same < len(key):
+                break
+            node, pos = child, pos + len(key)
+        return out
+
+    def _child_key(self, tokens):
+        return self._key(tokens).child_key(self.info.page_size)
+
+    def evict(self, n):
+        freed = self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
+        self._settle()
+        return freed
+
+    def load_back(self, tokens) -> int | None:
+        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))  # no poll before the load
+        self._note_path(tokens, m)
+        if m.host_hit_length > 0 or m.swa_host_hit_length > 0:
+            got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
+            self.cache.ready_to_load_host_cache()
+            self._settle()
+            if not got:
+                return None
+        return self.match(tokens).device_len
+
+    # ----------------------------------------------------------------- reading the tree
+    def _tree(self):
+        """(node, prefix) for every node below the root, read from the Python core's nodes."""
+        out, stack = [], [(self.tc.root_node, ())]
+        while stack:
+            node, pre = stack.pop()
+            for child in node.children.values():
+                p = pre + tuple(child.key.token_ids)
+                out.append((child, p))
+                stack.append((child, p))
+        return out
+
+    def abstract(self) -> Model:
+        ps = self.info.page_size
+        m = Model(page_size=ps, sidecar="swa", window=self.WINDOW)
+        for node, pre in self._tree():
+            f, s = node.component_data[self.FULL], node.component_data[self.SWA]
+            for end in range(len(pre) - len(node.key) + ps, len(pre) + 1, ps):
+                m.pages[pre[:end]] = Page(dev=f.value is not None, host=f.host_value is not None,
+                                          swa=s.value is not None, swa_host=s.host_value is not None,
+                                          lock=1 if f.lock_ref else 0, host_ref=f.host_lock_ref)
+        return m
+
+    def _held(self) -> int:
+        return sum(len(n.component_data[self.FULL].host_value) for n, _ in self._tree()
+                   if n.component_data[self.FULL].host_value is not None)
+
+    def check(self) -> list[str]:
+        v = []
+        held = {"full": 0, "swa": 0, "full_host": 0, "swa_host": 0}
+        for node, pre in self._tree():
+            f, s = node.component_data[self.FULL], node.component_data[self.SWA]
+            want = [pre[: len(pre) - len(node.key) + i + 1] for i in range(len(node.key))]
+            if f.value is not None:
+                held["full"] += len(f.value)
+                if [self._read(int(x)) for x in f.value] != want:
+                    v.append(f"D1: node {pre} holds full KV of {[self._read(int(x)) for x in f.value]}")
+            if s.value is not None:
+                held["swa"] += len(s.value)
+                got = [self._read_from(self.s0, int(x)) for x in s.value]
+                if got != want:
+                    v.append(f"D1: node {pre} holds SWA KV of {got}")
+                if f.value is not None and self._to_swa(f.value.tolist()) != s.value.tolist():
+                    v.append(f"D1: node {pre}: its full slots map to SWA slots {self._to_swa(f.value.tolist())}, "
+                             f"it holds {s.value.tolist()}")
+            held["full_host"] += 0 if f.host_value is None else len(f.host_value)
+            held["swa_host"] += 0 if s.host_value is None else len(s.host_value)
+        try:
+            self.cache.sanity_check()
+        except Exception as e:  # the target's own checker
+            v.append(f"sanity_check: {type(e).__name__}: {e}")
+        a = self.alloc_
+        for what, free, size, pool in (("device full", a.full_available_size(), a.full_attn_allocator.size, "full"),
+                                       ("device SWA", a.swa_available_size(), a.swa_attn_allocator.size, "swa"),
+                                       ("host KV", self.host_kv.available_size(), self.host_kv.size, "full_host"),
+                                       ("host SWA", self.host_swa.available_size(), self.host_swa.size, "swa_host")):
+            if free + held[pool] != size:  # R1: no slot leaked or shared
+                v.append(f"R1: {what} pool of {size} slots: {free} free + {held[pool]} in the tree")
+        return v
