@@ -51,7 +51,7 @@ print(json.dumps({{"prefix_len": res.prefix_len, "cached_len": t.cached_len(res)
 
 
 def test_mamba_last_host_node_is_best_match_node():
-    """Contract difference (the FULL+MAMBA adapter does not compare last_host): with HiCache on,
+    """Contract difference (judged by the machine's "last-host-is-best" rule): with HiCache on,
     last_host_node is best_match_node, the deepest node every component accepts; after inserting
     [2,1,1,1,2] a match of [2,1] has KV for 2 tokens but a mamba state only at the end of the insert,
     so last_host_node is the root (0 tokens) where the spec's last_host is 2."""
@@ -266,12 +266,15 @@ print(json.dumps({{"hit": hit, "locked": t.locked_prefix(lock), "view": view, "h
     assert r["checks"] == [] and r["replay"] is None, r
 
 
-# FULL + SWA (sglang-hicache-swa*): two contract differences, each judged under its own rule.
+# Sidecar components under HiCache (FULL + SWA, FULL + MAMBA): two contract differences, each judged
+# by its own rule.
 SWA_LAST_HOST = [["insert", [1, 1, 1, 1]], ["insert", [3, 3, 1, 1, 1, 1, 1, 1, 1, 1]], ["load_back", [1, 1, 1, 1]],
                  ["insert", [3, 3, 2, 2, 1, 1, 1, 1]], ["insert", [1, 1, 1, 1, 1, 1, 1, 1, 2, 2]],
                  ["match", [3, 3, 1, 1, 1, 1, 1, 1, 1, 1]]]
 SWA_HOST_HIT = [["insert", [1, 1, 1, 1]], ["insert", [1, 1]], ["evict", 1], ["insert", [1, 1, 1, 1]],
                 ["insert", [2, 2, 1, 1, 1, 1, 1, 1, 1, 1]], ["match", [1, 1, 1, 1]]]
+MAMBA_HOST_HIT = [["insert", [2, 3, 1, 1, 1]], ["insert", [2, 1, 1, 1, 1]], ["insert", [1, 1, 1, 1, 1]],
+                  ["insert", [1, 1, 1]], ["match", [2, 3, 1, 1, 1]]]
 
 
 @pytest.mark.parametrize("name, calls, shows", [
@@ -283,8 +286,11 @@ SWA_HOST_HIT = [["insert", [1, 1, 1, 1]], ["insert", [1, 1]], ["evict", 1], ["in
     # selective write-through [1,1] is backed up and [1,1,1,1] is not; both hold full KV on device, but
     # [1,1]'s SWA KV is on host only, so the device match is 0, the best 4, and SGLang's host hit 2.
     ("sglang-hicache-swa-selective", SWA_HOST_HIT, "match (last_host, host_hit) = (4, 2), model says (4, 4)"),
+    # the same for mamba under write-back: [2] is backed up (its eviction did), [2,3,1,1,1] keeps its
+    # KV on device but its state went to host, so the device match is 0 and SGLang's host hit 4 of 5.
+    ("sglang-hicache-mamba-write-back", MAMBA_HOST_HIT, "match (last_host, host_hit) = (5, 4), model says (5, 5)"),
 ])
-def test_swa_contract_differences(name, calls, shows):
+def test_sidecar_contract_differences(name, calls, shows):
     """Each difference shows when the target's allowances are lifted, and its own rule (the machine's
     `last-host-is-best` / `host-hit-is-backed-up`) accepts the same operations."""
     _skip_unless_installed()

@@ -25,7 +25,7 @@ from models.abstract import Model, Page, Prefix
 from ...target import CORE_OPS, Inserted, TargetError, TargetInfo
 from . import shim
 from .common import HICACHE_REAL, V_NEW, cpu_stand_ins
-from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SGLangUniHiCache
+from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SGLangUniHiCache, SGLangUniHiMamba
 
 
 class SGLangUniHiSWA(SGLangUniHiCache):
@@ -54,7 +54,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         self.policy, self.core = policy, "python"
         self.info = TargetInfo(f"sglang-hicache-swa{POLICY_SUFFIX[policy]}", page_size=ps, sidecar="swa",
                                device_tokens=n, ops=CORE_OPS | {"load_back"}, host=True, sglang=V_NEW,
-                               exact_locks=False, stamps=False, allow=KNOWN_HI | {"last-host-is-best", "host-hit-is-backed-up"},
+                               exact_locks=False, stamps=False, allow=KNOWN_HI | SGLangUniHiMamba.SIDECAR_HOST_RULES,
                                notes=f"on {dev}" + (" (CPU stand-ins for pinning and copies)" if dev == "cpu"
                                                     else " (direct IO with torch copies)"))
         sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
