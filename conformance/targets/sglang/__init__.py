@@ -114,6 +114,14 @@ TARGETS.update({
     f"sglang-hicache-swa{suffix}": TargetSpec(
         "conformance.targets.sglang.v0_5_23_hicache_swa:SGLangUniHiSWA", V_NEW,
         f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+SWA, window 4), Python tree core, {policy}, "
-        "direct IO, page 2; CPU stand-ins for the copies (and, without a GPU, for pinning)", args=(policy,))
+        "page 2; on a GPU SGLang's JIT HiCache kernels (kernel IO), else direct IO with CPU stand-ins", args=(policy,))
     for policy, suffix in _POLICIES.items()
+})
+TARGETS.update({
+    f"sglang-hicache-swa-storage{suffix}": TargetSpec(
+        "conformance.targets.sglang.v0_5_23_hicache_swa:SGLangUniHiSWA", V_NEW,
+        f"SGLang 0.5.23 HiCache (FULL+SWA, window 4), Python tree core, write_through, file storage backend (L3), "
+        f"prefetch stop policy {stop}, page 2", args=("write_through", stop),
+        machine="conformance.machine_storage:StorageMachine")
+    for stop, suffix in _STOP.items()
 })

@@ -4,9 +4,10 @@ one `HybridCacheController`), Python tree core, page 2, sliding window 4 tokens.
 
 Built as a server builds it: an `SWAKVPool` (one full-attention layer, one sliding-window layer, the
 SWA pool smaller than the full one, so SWA eviction tombstones nodes while their full KV stays), the
-`SWATokenToKVPoolAllocator` that maps every full slot to its SWA slot, and the real controller. On a
-CPU the copies and pinning are torch stand-ins (`kernels.py`); on a GPU the copies are torch copies
-on CUDA tensors (direct IO), the tree, controller, pools and bookkeeping SGLang's.
+`SWATokenToKVPoolAllocator` that maps every full slot to its SWA slot, and the real controller. The
+IO path is the full-KV targets' (`SGLangUniHiCache._io_path`): on a CPU direct IO with torch
+stand-ins for the copies and pinning (`kernels.py`); on a GPU SGLang's defaults, kernel IO over the
+page_first layout through its JIT HiCache kernels, for both host pools.
 
 The abstraction reads the Python core's nodes: per node, the FULL and SWA device and host values.
 A page's `swa` flag is "the SWA component holds device KV for it", so the model's match rule (the
@@ -18,14 +19,16 @@ mapping, as the attention kernels reach them.
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from models.abstract import Model, Page, Prefix
 
 from ...target import CORE_OPS, Inserted, TargetError, TargetInfo
 from . import shim
-from .common import HICACHE_REAL, V_NEW, cpu_stand_ins
-from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SGLangUniHiCache, SGLangUniHiMamba
+from .common import HICACHE_REAL, V_NEW
+from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SGLangUniHiCache, SGLangUniHiMamba, storage_ops
 
 
 class SGLangUniHiSWA(SGLangUniHiCache):
@@ -34,7 +37,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
     WINDOW = 4  # sliding_window_size, in tokens (two pages)
     SWA_TOKENS = 12  # the SWA device pool, smaller than the full pool's 16
 
-    def __init__(self, policy: str = "write_through"):
+    def __init__(self, policy: str = "write_through", prefetch: str | None = None):
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import cache_init_params as cip
@@ -49,20 +52,21 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         self.b, self.r = b, r
         self.FULL, self.SWA = ComponentType.FULL, ComponentType.SWA
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
-        cpu_stand_ins(pinning=dev == "cpu")
+        io, layout, head_dim = self._io_path(dev)
         ps, n = 2, 16
         self.policy, self.core = policy, "python"
-        self.info = TargetInfo(f"sglang-hicache-swa{POLICY_SUFFIX[policy]}", page_size=ps, sidecar="swa",
-                               device_tokens=n, ops=CORE_OPS | {"load_back"}, host=True, sglang=V_NEW,
+        self.info = TargetInfo(f"sglang-hicache-swa{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=ps,
+                               sidecar="swa", device_tokens=n, ops=CORE_OPS | {"load_back"} | storage_ops(prefetch),
+                               host=True, sglang=V_NEW,
                                exact_locks=False, stamps=False, allow=KNOWN_HI | SGLangUniHiMamba.SIDECAR_HOST_RULES,
-                               notes=f"on {dev}" + (" (CPU stand-ins for pinning and copies)" if dev == "cpu"
-                                                    else " (direct IO with torch copies)"))
-        sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend="direct",
-                        hicache_mem_layout="page_first_direct", hicache_write_policy=policy, hicache_ratio=1.5,
-                        device=dev, **self._storage(None, ps))
+                               notes=self._io_notes(dev))
+        sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend=io,
+                        hicache_mem_layout=layout, hicache_write_policy=policy, hicache_ratio=1.5,
+                        device=dev, **self._storage(prefetch, ps))
         set_global_server_args_for_scheduler(sa)
+        self._one_rank()
         self.kv = SWAKVPool(size=n, size_swa=self.SWA_TOKENS, page_size=ps, dtype=torch.bfloat16, head_num=2,
-                            head_dim=8, swa_attention_layer_ids=[1], full_attention_layer_ids=[0], device=dev,
+                            head_dim=head_dim, swa_attention_layer_ids=[1], full_attention_layer_ids=[0], device=dev,
                             enable_memory_saver=False)
         self.alloc_ = SWATokenToKVPoolAllocator(size=n, size_swa=self.SWA_TOKENS, page_size=ps,
                                                 dtype=torch.bfloat16, device=dev, kvcache=self.kv, need_sort=False)
@@ -77,6 +81,8 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         if dev == "cpu":
             for host in (self.host_kv, self.host_swa):
                 host.pin_memory = False
+        elif not (self.host_kv.can_use_jit and self.host_swa.can_use_jit):
+            raise shim.ShimError("SGLang's host pools declined its JIT HiCache kernels on this GPU")
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
         self.k0 = self.kv.full_kv_pool.get_key_buffer(0)
@@ -185,6 +191,31 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                 return None
         return self.match(tokens).device_len
 
+    # ----------------------------------------------------------------- storage tier (L3)
+    def l3_sidecar_pages(self, tokens: list[int]) -> list[bool]:
+        """For each page of `tokens`: whether L3 holds the SWA KV of the whole window ending there."""
+        from sglang.srt.mem_cache.utils import get_storage_hash_str
+
+        ps = self.info.page_size
+        keys = get_storage_hash_str(array("q", tokens[: len(tokens) // ps * ps]), None, page_size=ps)
+        backend = self.cache.cache_controller.storage_backend
+        held = [bool(backend.exists(k + ".swa")) for k in keys]
+        span = -(-self.WINDOW // ps)
+        return [all(held[max(0, i + 1 - span): i + 1]) for i in range(len(held))]
+
+    def _staged_swa(self) -> int:
+        """Host SWA slots a prefetch in flight holds for the window L3 returns (its SWA transfer's
+        host indices; they join the tree, or are released, when the prefetch ends)."""
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+
+        ops = getattr(self.cache, "ongoing_prefetch", None) or {}
+        return sum(len(x.host_indices) for o in ops.values() for x in (getattr(o.operation, "pool_transfers", None) or [])
+                   if x.name == PoolName.SWA and x.host_indices is not None)
+
+    def host_sidecar_free(self) -> int:
+        """How many SWA windows the host SWA pool has room for."""
+        return self.host_swa.available_size() // self.WINDOW
+
     # ----------------------------------------------------------------- reading the tree
     def _tree(self):
         """(node, prefix) for every node below the root, read from the Python core's nodes."""
@@ -212,7 +243,16 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         return sum(len(n.component_data[self.FULL].host_value) for n, _ in self._tree()
                    if n.component_data[self.FULL].host_value is not None)
 
+    def _releasing(self, pool) -> int:
+        """Host slots queued for release (the storage threads hand back what a discarded prefetch
+        staged; the next poll returns them to the pool). `pool`: None for the KV pool, else its name."""
+        cc = self.cache.cache_controller
+        q = cc.host_mem_release_queue if pool is None else cc.extra_host_mem_release_queues.get(pool)
+        return 0 if q is None else sum(len(x) for x in list(q.queue))
+
     def check(self) -> list[str]:
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+
         v = []
         held = {"full": 0, "swa": 0, "full_host": 0, "swa_host": 0}
         for node, pre in self._tree():
@@ -237,10 +277,13 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         except Exception as e:  # the target's own checker
             v.append(f"sanity_check: {type(e).__name__}: {e}")
         a = self.alloc_
+        host = {"full_host": self.host_kv.available_size() + self._staged() + self._releasing(None),
+                "swa_host": self.host_swa.available_size() + self._staged_swa() + self._releasing(PoolName.SWA)}
         for what, free, size, pool in (("device full", a.full_available_size(), a.full_attn_allocator.size, "full"),
                                        ("device SWA", a.swa_available_size(), a.swa_attn_allocator.size, "swa"),
-                                       ("host KV", self.host_kv.available_size(), self.host_kv.size, "full_host"),
-                                       ("host SWA", self.host_swa.available_size(), self.host_swa.size, "swa_host")):
+                                       ("host KV", host["full_host"], self.host_kv.size, "full_host"),
+                                       ("host SWA", host["swa_host"], self.host_swa.size, "swa_host")):
             if free + held[pool] != size:  # R1: no slot leaked or shared
-                v.append(f"R1: {what} pool of {size} slots: {free} free + {held[pool]} in the tree")
+                v.append(f"R1: {what} pool of {size} slots: {free} free, staged or being released + {held[pool]} "
+                         "in the tree")
         return v
