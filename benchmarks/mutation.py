@@ -44,7 +44,7 @@ import textwrap
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -360,6 +360,7 @@ class Settings:
     test_min_s: float
     mode: str
     tests_only: bool = False  # the listed mutants survived the campaign already: run their unit tests only
+    earlier: dict[str, dict[str, Any]] = field(default_factory=dict)  # with tests_only: their campaign records
 
 
 def classify_campaign(child: Child) -> dict[str, Any] | None:
@@ -477,7 +478,11 @@ def run_mutants(mutants: list[Mutant], selector: TestSelector | None, settings: 
         _, mutated = mutant_source(m, root)
         slot.sandbox.apply(m.path, mutated)
         slot.mutant, slot.t0 = m, time.monotonic()
-        slot.record = {**mutant_record(m), "campaign_s": None, "tests_s": None, "campaign": "survived (earlier run)"}
+        before = settings.earlier.get(m.id, {})
+        slot.record = {**mutant_record(m), "campaign_s": before.get("campaign_s"), "tests_s": None,
+                       "campaign": campaign_outcome(before) + " (earlier run)"}
+        if campaign_outcome(before) == "timeout":
+            slot.record["campaign_killed_by"] = before.get("campaign_killed_by") or before.get("killed_by")
         tests_or_survived(slot)
 
     def tests_or_survived(slot: _Slot) -> None:
@@ -592,21 +597,37 @@ def load_triage(path: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def campaign_outcome(m: dict[str, Any]) -> str:
+    """What the campaign alone made of a mutant: killed, timeout, survived or error (a record whose
+    unit tests ran later, under --tests-only, keeps its campaign's outcome in `campaign`)."""
+    if m.get("status") == "killed-by-campaign":
+        return "killed"
+    if m.get("check") == "campaign" and m.get("status") in ("timeout", "error"):
+        return m["status"]
+    return "timeout" if str(m.get("campaign", "")).startswith("timeout") else "survived"
+
+
 def tables(mutants: list[dict[str, Any]], triage: dict[str, dict[str, str]]) -> dict[str, list[dict[str, Any]]]:
     """Per module and in total, by the campaign alone and by the whole suite (campaign or tests):
-    killed, timeout, survived, error, and the score over all and over non-equivalent mutants (a
-    triaged mutant leaves the denominator only if it survived the whole suite)."""
-    views = {"campaign": ("killed-by-campaign",), "suite": ("killed-by-campaign", "killed-by-tests-only")}
+    killed, timeout, survived, error, and the score over all and over non-equivalent mutants. Each view
+    judges its own outcome: a survivor triaged equivalent or benign leaves a view's denominator if it
+    survived that view's checks (a benign campaign survivor a unit test kills stays out of the
+    campaign's denominator and counts as killed by the whole suite)."""
+    views = ("campaign", "suite")
     out: dict[str, list[dict[str, Any]]] = {}
     modules = sorted({m["module"] for m in mutants}, key=lambda x: (CORE_MODULES + (x,)).index(x))
-    for view, killed_statuses in views.items():
+    for view in views:
+        outcome = {m["id"]: campaign_outcome(m) if view == "campaign" else
+                   {"killed-by-campaign": "killed", "killed-by-tests-only": "killed"}.get(m["status"], m["status"])
+                   for m in mutants}
         rows = []
         for mod in [*modules, "total"]:
             ms = [m for m in mutants if mod in ("total", m["module"])]
-            killed = sum(m["status"] in killed_statuses for m in ms)
-            timeout = sum(m["status"] == "timeout" and (view == "suite" or m.get("check") == "campaign") for m in ms)
-            error = sum(m["status"] == "error" for m in ms)
-            excluded = [m for m in ms if m["status"] == "survived" and triage.get(m["id"], {}).get("verdict") in EXCLUDED]
+            killed = sum(outcome[m["id"]] == "killed" for m in ms)
+            timeout = sum(outcome[m["id"]] == "timeout" for m in ms)
+            error = sum(outcome[m["id"]] == "error" for m in ms)
+            excluded = [m for m in ms if outcome[m["id"]] == "survived"
+                        and triage.get(m["id"], {}).get("verdict") in EXCLUDED]
             equiv = sum(triage[m["id"]]["verdict"] == "equivalent" for m in excluded)
             n = len(ms)
             rows.append({"module": mod, "mutants": n, "killed": killed, "timeout": timeout,
@@ -891,6 +912,13 @@ def _run(args: argparse.Namespace, root: Path, tmp: Path, md_path: Path, argv: l
     kept, previous = _previous_results(args.out, chosen) if args.resume or args.recheck else ([], {})
     if args.recheck:  # run the listed ones again; every other result stays as it was
         kept = [r for r in kept if r["id"] not in wanted]
+    if settings.tests_only:  # their campaign's records: the tests-only results keep what the campaign made of them
+        settings.earlier = {r["id"]: r for r in previous.get("mutants", []) if r["id"] in wanted}
+        killed = sorted(i for i, r in settings.earlier.items() if campaign_outcome(r) == "killed")
+        if killed:
+            print(f"--tests-only re-checks campaign survivors, but the campaign killed {len(killed)} of the listed "
+                  f"mutants in {_rel(args.out)}: {', '.join(killed[:10])}", file=sys.stderr)
+            return 2
     done = {r["id"] for r in kept}
     chosen = [m for m in chosen if m.id not in done]
     not_run = []

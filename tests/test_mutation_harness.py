@@ -9,6 +9,7 @@ must not be forked into a check.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,41 @@ def test_a_gap_stays_a_miss_while_equivalent_and_benign_leave_the_denominator():
     benign = tables(ms, {"e": {"verdict": "equivalent", "reason": ""}, "g": {"verdict": "benign", "reason": ""}})
     assert gap["campaign"][-1]["score_non_equivalent"] == pytest.approx(1 / 2)
     assert benign["campaign"][-1]["score_non_equivalent"] == pytest.approx(1.0)
+
+
+def test_each_view_judges_its_own_outcome():
+    """A campaign timeout whose unit tests ran later stays a campaign timeout, and a benign campaign
+    survivor that a unit test kills stays out of the campaign's denominator (the campaign figure does
+    not move because the unit tests ran) while the whole suite counts it killed."""
+    from benchmarks.mutation import tables
+
+    ms = [{"id": "k", "module": "pages", "status": "killed-by-campaign", "check": "campaign"},
+          {"id": "t", "module": "pages", "status": "killed-by-tests-only", "check": "tests",
+           "campaign": "timeout (earlier run)"},
+          {"id": "b", "module": "pages", "status": "killed-by-tests-only", "check": "tests",
+           "campaign": "survived (earlier run)"},
+          {"id": "g", "module": "pages", "status": "survived", "campaign": "survived (earlier run)"}]
+    t = tables(ms, {"b": {"verdict": "benign", "reason": ""}, "g": {"verdict": "gap", "reason": ""}})
+    camp, suite = t["campaign"][-1], t["suite"][-1]
+    assert (camp["killed"], camp["timeout"], camp["survived"], camp["benign"]) == (1, 1, 2, 1)
+    assert camp["score_non_equivalent"] == pytest.approx(2 / 3)  # k, t of k, t, g
+    assert (suite["killed"], suite["timeout"], suite["survived"], suite["benign"]) == (3, 0, 1, 0)
+    assert suite["score_non_equivalent"] == pytest.approx(3 / 4)
+
+
+def test_tests_only_refuses_ids_the_campaign_killed(tmp_path, capsys):
+    """--tests-only trusts the campaign's earlier verdict: a listed id the campaign killed is refused
+    with its name, and the report is left as it was."""
+    from benchmarks import mutation
+
+    out = tmp_path / "m.json"
+    ms = mutation.enumerate_mutants(["bookkeeping"], mutation.REPO)[0][:1]
+    rec = {**mutation.mutant_record(ms[0]), "status": "killed-by-campaign", "check": "campaign"}
+    out.write_text(json.dumps({"mutants": [rec]}))
+    before = out.read_text()
+    ids = tmp_path / "ids.txt"
+    ids.write_text(ms[0].id + "\n")
+    rc = mutation.main(["--modules", "bookkeeping", "--tests-only", "--recheck", "--ids", str(ids), "--out", str(out),
+                        "--md", str(tmp_path / "m.md"), "--jobs", "1"])
+    assert rc == 2 and ms[0].id in capsys.readouterr().err
+    assert out.read_text() == before
