@@ -109,19 +109,22 @@ TARGETS["sglang-hicache-mamba-storage-timeout"] = TargetSpec(
     "SGLang 0.5.23 HiCache (FULL+MAMBA), Python tree core, write_through, file storage backend (L3), "
     "prefetch stop policy timeout, page 1", 1, args=("write_through", "timeout"),
     machine="conformance.machine_storage:StorageMachine")
-# Full + sliding-window attention (window 4 tokens): the SWA host-pool strategy, SWA tombstones.
+# Full + sliding-window attention (window 4 tokens): the SWA host-pool strategy, SWA tombstones; the Rust
+# core is read through its public interface (which does not show an SWA host copy beside device SWA).
+_SWA = "conformance.targets.sglang.v0_5_23_hicache_swa:SGLangUniHiSWA"
 TARGETS.update({
-    f"sglang-hicache-swa{suffix}": TargetSpec(
-        "conformance.targets.sglang.v0_5_23_hicache_swa:SGLangUniHiSWA", V_NEW,
-        f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+SWA, window 4), Python tree core, {policy}, "
-        "page 2; on a GPU SGLang's JIT HiCache kernels (kernel IO), else direct IO with CPU stand-ins", args=(policy,))
-    for policy, suffix in _POLICIES.items()
+    f"sglang-hicache-swa{'' if core == 'python' else '-rust'}{suffix}": TargetSpec(
+        _SWA, V_NEW,
+        f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+SWA, window 4), {label} tree core, {policy}, "
+        "page 2; on a GPU SGLang's JIT HiCache kernels (kernel IO), else direct IO with CPU stand-ins",
+        args=(policy, None, core), requires=_RUST if core == "rust" else None)
+    for core, label in _CORES.items() for policy, suffix in _POLICIES.items()
 })
 TARGETS.update({
-    f"sglang-hicache-swa-storage{suffix}": TargetSpec(
-        "conformance.targets.sglang.v0_5_23_hicache_swa:SGLangUniHiSWA", V_NEW,
-        f"SGLang 0.5.23 HiCache (FULL+SWA, window 4), Python tree core, write_through, file storage backend (L3), "
-        f"prefetch stop policy {stop}, page 2", args=("write_through", stop),
-        machine="conformance.machine_storage:StorageMachine")
-    for stop, suffix in _STOP.items()
+    f"sglang-hicache-swa{'' if core == 'python' else '-rust'}-storage{suffix}": TargetSpec(
+        _SWA, V_NEW,
+        f"SGLang 0.5.23 HiCache (FULL+SWA, window 4), {label} tree core, write_through, file storage backend (L3), "
+        f"prefetch stop policy {stop}, page 2", args=("write_through", stop, core),
+        machine="conformance.machine_storage:StorageMachine", requires=_RUST if core == "rust" else None)
+    for core, label in _CORES.items() for stop, suffix in _STOP.items()
 })

@@ -37,7 +37,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
     WINDOW = 4  # sliding_window_size, in tokens (two pages)
     SWA_TOKENS = 12  # the SWA device pool, smaller than the full pool's 16
 
-    def __init__(self, policy: str = "write_through", prefetch: str | None = None):
+    def __init__(self, policy: str = "write_through", prefetch: str | None = None, core: str = "python"):
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.mem_cache import base_prefix_cache as b
         from sglang.srt.mem_cache import cache_init_params as cip
@@ -54,8 +54,9 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
         io, layout, head_dim = self._io_path(dev)
         ps, n = 2, 16
-        self.policy, self.core = policy, "python"
-        self.info = TargetInfo(f"sglang-hicache-swa{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=ps,
+        self.policy, self.core = policy, core
+        self.info = TargetInfo(f"sglang-hicache-swa{'' if core == 'python' else '-' + core}{POLICY_SUFFIX[policy]}"
+                               f"{self._suffix(prefetch)}", page_size=ps,
                                sidecar="swa", device_tokens=n, ops=CORE_OPS | {"load_back"} | storage_ops(prefetch),
                                host=True, sglang=V_NEW,
                                exact_locks=False, stamps=False, allow=KNOWN_HI | SGLangUniHiMamba.SIDECAR_HOST_RULES,
@@ -72,8 +73,11 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                                                 dtype=torch.bfloat16, device=dev, kvcache=self.kv, need_sort=False)
         params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
                                      page_size=ps, tree_components=(ComponentType.FULL, ComponentType.SWA),
-                                     tree_core_backend="python", sliding_window_size=self.WINDOW)
+                                     tree_core_backend=core, sliding_window_size=self.WINDOW)
         self.cache = UnifiedRadixCache(params)
+        if self.cache._tree_core_backend != core:
+            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
+                                 f"instead of {core}")
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
         entries = self.cache.host_pool_group.entry_map
@@ -156,24 +160,11 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         return min([res.prefix_len, *starts])
 
     def _device_pages(self, tokens) -> set[int]:
-        """The ends of the pages of `tokens` whose full KV is on device, read from the nodes."""
-        out, node, pos = set(), self.tc.root_node, 0
-        while pos < len(tokens):
-            child = node.children.get(self._child_key(tokens[pos:]))
-            if child is None:
-                break
-            key, ps = list(child.key.token_ids), self.info.page_size
-            rest = tokens[pos:pos + len(key)]
-            same = next((i for i, (x, y) in enumerate(zip(key, rest, strict=False)) if x != y), len(rest))
-            if child.component_data[self.FULL].value is not None:
-                out |= set(range(pos + ps, pos + same // ps * ps + 1, ps))
-            if same < len(key):
-                break
-            node, pos = child, pos + len(key)
-        return out
-
-    def _child_key(self, tokens):
-        return self._key(tokens).child_key(self.info.page_size)
+        """The ends of the pages of `tokens` whose full KV is on device (the tree core's full-device
+        match, which stamps nothing)."""
+        ps = self.info.page_size
+        n, _, _ = self.tc.match_full_device_prefix(self._key(tokens[: len(tokens) // ps * ps]))
+        return set(range(ps, n + 1, ps))
 
     def evict(self, n):
         freed = self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
@@ -229,6 +220,8 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         return out
 
     def abstract(self) -> Model:
+        if self.core != "python":
+            return self._abstract_from_interface()
         ps = self.info.page_size
         m = Model(page_size=ps, sidecar="swa", window=self.WINDOW)
         for node, pre in self._tree():
@@ -239,7 +232,29 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                                           lock=1 if f.lock_ref else 0, host_ref=f.host_lock_ref)
         return m
 
+    def _abstract_from_interface(self) -> Model:
+        """The Rust core has no readable nodes: what its public interface says per node. A node's
+        SWA host copy shows only when its SWA KV is off device (`component_has_host_value_only`);
+        while the KV is on device the copy is reported absent, which no match rule reads."""
+        ps = self.info.page_size
+        m = Model(page_size=ps, sidecar="swa", window=self.WINDOW)
+        nodes = self._nodes()
+        pre = self._prefixes(nodes)
+        unlocked = {s for s, _, _ in self._walk(True)}
+        for i, path in nodes.items():
+            info = path[-1]
+            v, sv = self.tc.get_component_device_value(i, self.FULL), self.tc.get_component_device_value(i, self.SWA)
+            dev = v is not None and len(v) > 0
+            page = Page(dev=dev, host=bool(self.tc.is_backuped(i)), swa=sv is not None and len(sv) > 0,
+                        swa_host=bool(self.tc.component_has_host_value_only(i, self.SWA)),
+                        lock=1 if dev and any(int(x) not in unlocked for x in v.tolist()) else 0)
+            for end in range(info.path_start + ps, info.path_end + 1, ps):
+                m.pages[pre[i][:end]] = page
+        return m
+
     def _held(self) -> int:
+        if self.core != "python":
+            return sum(p[-1].path_end - p[-1].path_start for i, p in self._nodes().items() if self.tc.is_backuped(i))
         return sum(len(n.component_data[self.FULL].host_value) for n, _ in self._tree()
                    if n.component_data[self.FULL].host_value is not None)
 
@@ -250,28 +265,43 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         q = cc.host_mem_release_queue if pool is None else cc.extra_host_mem_release_queues.get(pool)
         return 0 if q is None else sum(len(x) for x in list(q.queue))
 
+    def _node_values(self) -> list[tuple]:
+        """Per node: (prefix, key length, full device value, SWA device value, full host slots, SWA
+        host slots); the Rust core's SWA host slots are None (its interface does not say)."""
+        if self.core == "python":
+            out = []
+            for node, pre in self._tree():
+                f, s = node.component_data[self.FULL], node.component_data[self.SWA]
+                out.append((pre, len(node.key), f.value, s.value, 0 if f.host_value is None else len(f.host_value),
+                            0 if s.host_value is None else len(s.host_value)))
+            return out
+        nodes = self._nodes()
+        pre = self._prefixes(nodes)
+        return [(pre[i], p[-1].path_end - p[-1].path_start, self.tc.get_component_device_value(i, self.FULL),
+                 self.tc.get_component_device_value(i, self.SWA),
+                 p[-1].path_end - p[-1].path_start if self.tc.is_backuped(i) else 0, None) for i, p in nodes.items()]
+
     def check(self) -> list[str]:
         from sglang.srt.mem_cache.hicache_storage import PoolName
 
         v = []
         held = {"full": 0, "swa": 0, "full_host": 0, "swa_host": 0}
-        for node, pre in self._tree():
-            f, s = node.component_data[self.FULL], node.component_data[self.SWA]
-            want = [pre[: len(pre) - len(node.key) + i + 1] for i in range(len(node.key))]
-            if f.value is not None:
-                held["full"] += len(f.value)
-                if [self._read(int(x)) for x in f.value] != want:
-                    v.append(f"D1: node {pre} holds full KV of {[self._read(int(x)) for x in f.value]}")
-            if s.value is not None:
-                held["swa"] += len(s.value)
-                got = [self._read_from(self.s0, int(x)) for x in s.value]
+        for pre, n, fv, sv, fh, sh in self._node_values():
+            want = [pre[: len(pre) - n + i + 1] for i in range(n)]
+            if fv is not None and len(fv):
+                held["full"] += len(fv)
+                if [self._read(int(x)) for x in fv] != want:
+                    v.append(f"D1: node {pre} holds full KV of {[self._read(int(x)) for x in fv]}")
+            if sv is not None and len(sv):
+                held["swa"] += len(sv)
+                got = [self._read_from(self.s0, int(x)) for x in sv]
                 if got != want:
                     v.append(f"D1: node {pre} holds SWA KV of {got}")
-                if f.value is not None and self._to_swa(f.value.tolist()) != s.value.tolist():
-                    v.append(f"D1: node {pre}: its full slots map to SWA slots {self._to_swa(f.value.tolist())}, "
-                             f"it holds {s.value.tolist()}")
-            held["full_host"] += 0 if f.host_value is None else len(f.host_value)
-            held["swa_host"] += 0 if s.host_value is None else len(s.host_value)
+                if fv is not None and self._to_swa(fv.tolist()) != sv.tolist():
+                    v.append(f"D1: node {pre}: its full slots map to SWA slots {self._to_swa(fv.tolist())}, "
+                             f"it holds {sv.tolist()}")
+            held["full_host"] += fh
+            held["swa_host"] = None if sh is None or held["swa_host"] is None else held["swa_host"] + sh
         try:
             self.cache.sanity_check()
         except Exception as e:  # the target's own checker
@@ -283,7 +313,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                                        ("device SWA", a.swa_available_size(), a.swa_attn_allocator.size, "swa"),
                                        ("host KV", host["full_host"], self.host_kv.size, "full_host"),
                                        ("host SWA", host["swa_host"], self.host_swa.size, "swa_host")):
-            if free + held[pool] != size:  # R1: no slot leaked or shared
+            if held[pool] is not None and free + held[pool] != size:  # R1: no slot leaked or shared
                 v.append(f"R1: {what} pool of {size} slots: {free} free, staged or being released + {held[pool]} "
                          "in the tree")
         return v
