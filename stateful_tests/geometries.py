@@ -22,7 +22,7 @@ from models.contents import pages_kv
 from refcache import CacheConfig, HiCache, InvalidIndicesError, PoolExhaustedError
 from refcache.pages import ROOT_HASH, page_hashes
 from refcache.storage import MemoryStorage
-from refcache.transfer import DeterministicExecutor
+from refcache.transfer import DeterministicExecutor, OpState
 
 from .data_oracle import geometry, served_ok, write_request, write_state
 
@@ -191,7 +191,66 @@ def round_trip(base: CacheConfig, ps: int, threshold: int, pages: int, seed: int
     _refusals(cache, expect)
     _crowded_prefetches(cfg, tokens[:whole], expect)
     _one_page_short(cfg, tokens[:whole], expect)
+    _storage_without_room(cfg, tokens[:whole], expect)
+    _load_back_by_eviction(cfg, tokens[:whole], expect)
     return errs
+
+
+def _load_back_by_eviction(cfg: CacheConfig, tokens: list[int], expect) -> None:
+    """A load-back that fits only by eviction: the request is on L2 only, and another request,
+    unlocked and backed up, fills L1 (KV); or, with mamba, L1 has room for the KV but the state
+    pool is full, one state evictable (the caller holds the rest). The load-back must evict and
+    bring the whole request back."""
+    ps = cfg.page_size
+    for short in ("kv", "state") if cfg.has("mamba") else ("kv",):
+        cache = HiCache(replace(cfg, write_policy="write_through"), executor=DeterministicExecutor(auto_complete=True))
+        cache.insert(tokens, write_request(cache, tokens), write_state(cache, tokens) if cfg.has("mamba") else None)
+        _settle(cache)
+        cache.evict(cfg.device_tokens)
+        _settle(cache)
+        room = cache.device_kv.allocator.available() // ps * ps if short == "kv" else ps
+        filler = [t + 90 for t in range(room)]
+        cache.insert(filler, write_request(cache, filler), write_state(cache, filler) if cfg.has("mamba") else None)
+        _settle(cache)
+        states = []
+        while short == "state" and cache.device_state.allocator.available():
+            states.append(cache.alloc_mamba(evict=False))
+        node = cache.match_prefix(tokens).best_match_node
+        try:
+            cache.load_back(node)
+            _settle(cache)
+        except PoolExhaustedError as e:
+            expect(False, f"a load-back of {len(tokens)} tokens that eviction can make room for ({short}) was "
+                          f"refused: {e}")
+        m = cache.match_prefix(tokens)
+        expect(m.device_len == len(tokens) and served_ok(cache, tokens, m.device_indices),
+               f"after a load-back that had to evict ({short}), a match serves {m.device_len} of {len(tokens)} "
+               "tokens, or the wrong bytes")
+        for slot in states:
+            cache.free_mamba(slot)
+
+
+def _storage_without_room(cfg: CacheConfig, tokens: list[int], expect) -> None:
+    """An L3 of capacity 0 stores nothing: its put answers False (not an error), and a write of the
+    request's L2 pages to it must fail, not report them stored. The same for the state's L3 when
+    only that one has no room (mamba configurations)."""
+    ps = cfg.page_size
+    shape = (cfg.num_layers, 2, ps, cfg.num_heads, cfg.head_dim)
+    rooms = [(0, 8)] + ([(None, 0)] if cfg.has("mamba") else [])
+    for kv_room, state_room in rooms:
+        cache = HiCache(replace(cfg, write_policy="write_through"), executor=DeterministicExecutor(auto_complete=True),
+                        storage=MemoryStorage(kv_room, shape, cfg.dtype),
+                        state_storage=MemoryStorage(state_room, (cfg.mamba_state_dim,), cfg.dtype)
+                        if cfg.has("mamba") else None)
+        cache.insert(tokens, write_request(cache, tokens), write_state(cache, tokens) if cfg.has("mamba") else None)
+        _settle(cache)
+        end = _path(cache, tokens)[-1]
+        op = cache.write_backup_storage(end)
+        _settle(cache)
+        which = "KV" if kv_room == 0 else "state"
+        expect(op is not None and op.state is OpState.FAILED,
+               f"a write to L3 whose {which} storage has no room ended {None if op is None else op.state.name}, "
+               "not FAILED")
 
 
 def _one_page_short(cfg: CacheConfig, tokens: list[int], expect) -> None:
