@@ -135,6 +135,7 @@ def test_each_view_judges_its_own_outcome():
 def test_tests_only_refuses_ids_the_campaign_killed(tmp_path, capsys):
     """--tests-only trusts the campaign's earlier verdict: a listed id the campaign killed is refused
     with its name, and the report is left as it was."""
+    pytest.importorskip("cosmic_ray")  # enumerating the mutants (the mutation extra)
     from benchmarks import mutation
 
     out = tmp_path / "m.json"

@@ -19,6 +19,7 @@ mapping, as the attention kernels reach them.
 
 from __future__ import annotations
 
+import time
 from array import array
 
 import torch
@@ -202,6 +203,27 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         ops = getattr(self.cache, "ongoing_prefetch", None) or {}
         return sum(len(x.host_indices) for o in ops.values() for x in (getattr(o.operation, "pool_transfers", None) or [])
                    if x.name == PoolName.SWA and x.host_indices is not None)
+
+    def prefetch_finish(self) -> dict:
+        """As the base, and then, like its wait for the KV pool, up to 2 s for the host SWA pool: a
+        prefetch that ended before its SWA read did gives that staging back when the storage thread
+        lets go of it, so R1 judges a leak, not a release on its way (Python core: its SWA host
+        slots are readable)."""
+        got = super().prefetch_finish()
+        stop = time.monotonic() + 2
+        while self.core == "python" and time.monotonic() < stop and self._swa_host_unaccounted():
+            self.cache.check_hicache_events()
+            time.sleep(0.005)
+        self._settle()
+        return got
+
+    def _swa_host_unaccounted(self) -> int:
+        from sglang.srt.mem_cache.hicache_storage import PoolName
+
+        held = sum(len(n.component_data[self.SWA].host_value) for n, _ in self._tree()
+                   if n.component_data[self.SWA].host_value is not None)
+        return self.host_swa.size - (self.host_swa.available_size() + self._staged_swa()
+                                     + self._releasing(PoolName.SWA) + held)
 
     def host_sidecar_free(self) -> int:
         """How many SWA windows the host SWA pool has room for."""
