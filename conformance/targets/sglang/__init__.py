@@ -128,3 +128,14 @@ TARGETS.update({
         machine="conformance.machine_storage:StorageMachine", requires=_RUST if core == "rust" else None)
     for core, label in _CORES.items() for stop, suffix in _STOP.items()
 })
+# FULL + MAMBA on the Rust tree core, read through its public interface like the Rust SWA targets. (No
+# storage variant: a prefetch's host-only nodes there can be new nodes whose prefix the interface does
+# not give, so the adapter cannot name their pages.)
+TARGETS.update({
+    f"sglang-hicache-mamba-rust{suffix}": TargetSpec(
+        f"{_H}:SGLangUniHiMamba", V_NEW,
+        f"SGLang 0.5.23 HiCache (UnifiedRadixCache + init_hicache, FULL+MAMBA), compiled Rust tree core, {policy}, "
+        "direct IO, page 1; CPU stand-ins for the copies (and, without a GPU, for pinning)", 1,
+        args=(policy, None, "rust"), requires=_RUST)
+    for policy, suffix in _POLICIES.items()
+})

@@ -528,7 +528,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
     # the best match, where the spec counts them all (a page's KV may be on device, its state not).
     SIDECAR_HOST_RULES = frozenset({"last-host-is-best", "host-hit-is-backed-up"})
 
-    def __init__(self, policy: str = "write_through", prefetch: str | None = None):
+    def __init__(self, policy: str = "write_through", prefetch: str | None = None, core: str = "python"):
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
         from sglang.srt.mem_cache import base_prefix_cache as b
@@ -544,8 +544,9 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         self.dev = dev = "cuda" if torch.cuda.is_available() else "cpu"
         cpu_stand_ins(pinning=dev == "cpu")  # on a GPU too: sgl_kernel's copies (mamba state) do not load
         n, slots = 16, 6
-        self.policy, self.core = policy, "python"
-        self.info = TargetInfo(f"sglang-hicache-mamba{POLICY_SUFFIX[policy]}{self._suffix(prefetch)}", page_size=1,
+        self.policy, self.core = policy, core
+        self.info = TargetInfo(f"sglang-hicache-mamba{'' if core == 'python' else '-' + core}{POLICY_SUFFIX[policy]}"
+                               f"{self._suffix(prefetch)}", page_size=1,
                                sidecar="mamba", device_tokens=n, mamba_slots=slots,
                                ops=CORE_OPS | {"load_back", "evict_mamba"} | storage_ops(prefetch),
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False,
@@ -571,8 +572,11 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         params = cip.CacheInitParams(disable=False, req_to_token_pool=self.req_pool,
                                      token_to_kv_pool_allocator=self.alloc_, page_size=1,
                                      tree_components=(ComponentType.FULL, ComponentType.MAMBA),
-                                     tree_core_backend="python")
+                                     tree_core_backend=core)
         self.cache = UnifiedRadixCache(params)
+        if self.cache._tree_core_backend != core:
+            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
+                                 f"instead of {core}")
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
         if dev == "cpu":
@@ -692,6 +696,8 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         return out
 
     def abstract(self) -> Model:
+        if self.core != "python":
+            return self._abstract_from_interface()
         m = Model(page_size=1, sidecar="mamba", window=0)
         for node, pre in self._tree():
             f, s = node.component_data[self.FULL], node.component_data[self.MAMBA]
@@ -703,26 +709,56 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                                           lock=1 if f.lock_ref else 0, host_ref=f.host_lock_ref)
         return m
 
+    def _abstract_from_interface(self) -> Model:
+        """The Rust core has no readable nodes: what its public interface says per node (a host copy
+        of the state shows only while the state is off device; host references are not visible)."""
+        m = Model(page_size=1, sidecar="mamba", window=0)
+        nodes = self._nodes()
+        pre = self._prefixes(nodes)
+        unlocked = {s for s, _, _ in self._walk(True)}
+        for i, path in nodes.items():
+            info = path[-1]
+            v, mv = self.tc.get_component_device_value(i, self.FULL), self.tc.get_component_device_value(i, self.MAMBA)
+            dev = v is not None and len(v) > 0
+            lock = 1 if dev and any(int(x) not in unlocked for x in v.tolist()) else 0
+            mh = bool(self.tc.component_has_host_value_only(i, self.MAMBA))
+            for end in range(info.path_start + 1, info.path_end + 1):
+                last = end == info.path_end
+                m.pages[pre[i][:end]] = Page(dev=dev, host=bool(self.tc.is_backuped(i)),
+                                             mamba=last and mv is not None and len(mv) > 0, mamba_host=last and mh,
+                                             lock=lock)
+        return m
+
+    def _node_values(self) -> list[tuple]:
+        """Per node: (prefix, full device value, full host slots, mamba device value), from the Python
+        core's nodes or the Rust core's interface."""
+        if self.core == "python":
+            return [(pre, n.component_data[self.FULL].value,
+                     0 if n.component_data[self.FULL].host_value is None else len(n.component_data[self.FULL].host_value),
+                     n.component_data[self.MAMBA].value) for n, pre in self._tree()]
+        nodes = self._nodes()
+        pre = self._prefixes(nodes)
+        return [(pre[i], self.tc.get_component_device_value(i, self.FULL),
+                 p[-1].path_end - p[-1].path_start if self.tc.is_backuped(i) else 0,
+                 self.tc.get_component_device_value(i, self.MAMBA)) for i, p in nodes.items()]
+
     def _held(self) -> int:
-        return sum(len(node.component_data[self.FULL].host_value) for node, _ in self._tree()
-                   if node.component_data[self.FULL].host_value is not None)
+        return sum(h for _, _, h, _ in self._node_values())
 
     def check(self) -> list[str]:
         v = []
         dev_slots, host_slots, states = 0, 0, 0
-        for node, pre in self._tree():
-            f, s = node.component_data[self.FULL], node.component_data[self.MAMBA]
-            if f.value is not None:
-                dev_slots += len(f.value)
-                got = [self._read(int(x)) for x in f.value]
-                want = [pre[: len(pre) - len(f.value) + i + 1] for i in range(len(f.value))]
+        for pre, fv, fh, sv in self._node_values():
+            if fv is not None and len(fv):
+                dev_slots += len(fv)
+                got = [self._read(int(x)) for x in fv]
+                want = [pre[: len(pre) - len(fv) + i + 1] for i in range(len(fv))]
                 if got != want:
                     v.append(f"D1: node {pre} holds device KV of {got}")
-            if f.host_value is not None:
-                host_slots += len(f.host_value)
-            if s.value is not None:
-                states += len(s.value)
-                x = int(self.state0[int(s.value[0])].view(-1)[0])
+            host_slots += fh
+            if sv is not None and len(sv):
+                states += len(sv)
+                x = int(self.state0[int(sv[0])].view(-1)[0])
                 got = self.prefixes[x - 1] if 0 < x <= len(self.prefixes) else None
                 if got != pre:
                     v.append(f"D1: node {pre} holds the mamba state of {got}")
