@@ -287,7 +287,7 @@ class SGLangUniHiCache(Target):
         node among them (then a KeyError in node_by_id; test_hicache.py keeps the case)."""
         m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))
         self._note_path(tokens, m)
-        if m.host_hit_length > 0:
+        if m.host_hit_length > 0 or m.mamba_host_hit_length > 0 or m.swa_host_hit_length > 0:  # any component's
             got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
             self.cache.ready_to_load_host_cache()
             self._settle()
@@ -298,12 +298,15 @@ class SGLangUniHiCache(Target):
     # ----------------------------------------------------------------- storage tier (L3)
     def l3_pages(self, tokens: list[int]) -> list[bool]:
         """For each page of `tokens`: whether L3 holds it (the backend asked directly)."""
+        backend = self.cache.cache_controller.storage_backend
+        return [bool(backend.exists(k)) for k in self._l3_keys(tokens)]
+
+    def _l3_keys(self, tokens: list[int]) -> list[str]:
+        """The storage keys of the whole pages of `tokens` (SGLang's hash chain)."""
         from sglang.srt.mem_cache.utils import get_storage_hash_str
 
         ps = self.info.page_size
-        keys = get_storage_hash_str(array("q", tokens[: len(tokens) // ps * ps]), None, page_size=ps)
-        backend = self.cache.cache_controller.storage_backend
-        return [bool(backend.exists(k)) for k in keys]
+        return get_storage_hash_str(array("q", tokens[: len(tokens) // ps * ps]), None, page_size=ps)
 
     def host_free(self) -> int:
         return self.cache.cache_controller.mem_pool_host.available_size()
@@ -399,6 +402,18 @@ class SGLangUniHiCache(Target):
         return freed
 
     # ----------------------------------------------------------------- reading the tree
+    def _tree(self):
+        """(node, prefix) for every node below the root, read from the Python core's nodes (the
+        sidecar targets read them directly on that core)."""
+        out, stack = [], [(self.tc.root_node, ())]
+        while stack:
+            node, pre = stack.pop()
+            for child in node.children.values():
+                p = pre + tuple(child.key.token_ids)
+                out.append((child, p))
+                stack.append((child, p))
+        return out
+
     def _nodes(self) -> dict[int, tuple]:
         """Every live node id -> its path (TreePathNodeInfo from the root down)."""
         out = {}
@@ -668,32 +683,10 @@ class SGLangUniHiMamba(SGLangUniHiCache):
         self._settle()
         return Inserted(self.cached_len(res), not res.mamba_exist)
 
-    def load_back(self, tokens) -> int | None:
-        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))  # no poll before the load
-        self._note_path(tokens, m)
-        if m.host_hit_length > 0 or m.mamba_host_hit_length > 0:
-            got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
-            self.cache.ready_to_load_host_cache()
-            self._settle()
-            if not got:
-                return None
-        return self.match(tokens).device_len
-
     def evict_mamba(self, n):
         freed = self.cache.evict(self.b.EvictParams(num_tokens=0, mamba_num=n)).mamba_num_evicted
         self._settle()
         return freed
-
-    def _tree(self):
-        """(node, prefix) for every node below the root, read from the Python core's nodes."""
-        out, stack = [], [(self.tc.root_node, ())]
-        while stack:
-            node, pre = stack.pop()
-            for child in node.children.values():
-                p = pre + tuple(child.key.token_ids)
-                out.append((child, p))
-                stack.append((child, p))
-        return out
 
     def abstract(self) -> Model:
         if self.core != "python":

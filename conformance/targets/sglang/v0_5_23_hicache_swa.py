@@ -20,7 +20,6 @@ mapping, as the attention kernels reach them.
 from __future__ import annotations
 
 import time
-from array import array
 
 import torch
 
@@ -172,27 +171,12 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         self._settle()
         return freed
 
-    def load_back(self, tokens) -> int | None:
-        m = self.cache.match_prefix(self.b.MatchPrefixParams(key=self._key(tokens)))  # no poll before the load
-        self._note_path(tokens, m)
-        if m.host_hit_length > 0 or m.swa_host_hit_length > 0:
-            got = self.cache.load_back(getattr(m, self.LOAD_BACK_ANCHOR))
-            self.cache.ready_to_load_host_cache()
-            self._settle()
-            if not got:
-                return None
-        return self.match(tokens).device_len
-
     # ----------------------------------------------------------------- storage tier (L3)
     def l3_sidecar_pages(self, tokens: list[int]) -> list[bool]:
         """For each page of `tokens`: whether L3 holds the SWA KV of the whole window ending there."""
-        from sglang.srt.mem_cache.utils import get_storage_hash_str
-
-        ps = self.info.page_size
-        keys = get_storage_hash_str(array("q", tokens[: len(tokens) // ps * ps]), None, page_size=ps)
         backend = self.cache.cache_controller.storage_backend
-        held = [bool(backend.exists(k + ".swa")) for k in keys]
-        span = -(-self.WINDOW // ps)
+        held = [bool(backend.exists(k + ".swa")) for k in self._l3_keys(tokens)]
+        span = -(-self.WINDOW // self.info.page_size)
         return [all(held[max(0, i + 1 - span): i + 1]) for i in range(len(held))]
 
     def _staged_swa(self) -> int:
@@ -230,17 +214,6 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         return self.host_swa.available_size() // self.WINDOW
 
     # ----------------------------------------------------------------- reading the tree
-    def _tree(self):
-        """(node, prefix) for every node below the root, read from the Python core's nodes."""
-        out, stack = [], [(self.tc.root_node, ())]
-        while stack:
-            node, pre = stack.pop()
-            for child in node.children.values():
-                p = pre + tuple(child.key.token_ids)
-                out.append((child, p))
-                stack.append((child, p))
-        return out
-
     def abstract(self) -> Model:
         if self.core != "python":
             return self._abstract_from_interface()
