@@ -55,6 +55,12 @@ def _settle(cache: HiCache) -> None:
         cache.poll()
 
 
+def _insert_request(cache: HiCache, tokens: list[int]) -> None:
+    """Insert `tokens` as a request does: its KV (and, with mamba, its state) written first."""
+    idx = write_request(cache, tokens)
+    cache.insert(tokens, idx, write_state(cache, tokens) if cache.config.has("mamba") else None)
+
+
 def _evict_both_tiers(cache: HiCache) -> None:
     """Evict all of L1 and L2, settling the backups and demotions eviction starts (write-back)."""
     for _ in range(4):
@@ -204,13 +210,13 @@ def _load_back_by_eviction(cfg: CacheConfig, tokens: list[int], expect) -> None:
     ps = cfg.page_size
     for short in ("kv", "state") if cfg.has("mamba") else ("kv",):
         cache = HiCache(replace(cfg, write_policy="write_through"), executor=DeterministicExecutor(auto_complete=True))
-        cache.insert(tokens, write_request(cache, tokens), write_state(cache, tokens) if cfg.has("mamba") else None)
+        _insert_request(cache, tokens)
         _settle(cache)
         cache.evict(cfg.device_tokens)
         _settle(cache)
         room = cache.device_kv.allocator.available() // ps * ps if short == "kv" else ps
         filler = [t + 90 for t in range(room)]
-        cache.insert(filler, write_request(cache, filler), write_state(cache, filler) if cfg.has("mamba") else None)
+        _insert_request(cache, filler)
         _settle(cache)
         states = []
         while short == "state" and cache.device_state.allocator.available():
@@ -242,7 +248,7 @@ def _storage_without_room(cfg: CacheConfig, tokens: list[int], expect) -> None:
                         storage=MemoryStorage(kv_room, shape, cfg.dtype),
                         state_storage=MemoryStorage(state_room, (cfg.mamba_state_dim,), cfg.dtype)
                         if cfg.has("mamba") else None)
-        cache.insert(tokens, write_request(cache, tokens), write_state(cache, tokens) if cfg.has("mamba") else None)
+        _insert_request(cache, tokens)
         _settle(cache)
         end = _path(cache, tokens)[-1]
         op = cache.write_backup_storage(end)
@@ -260,7 +266,7 @@ def _one_page_short(cfg: CacheConfig, tokens: list[int], expect) -> None:
     is one token, which a room test off by one lets through.)"""
     ps = cfg.page_size
     cache = HiCache(replace(cfg, write_policy="write_through"), executor=DeterministicExecutor(auto_complete=True))
-    cache.insert(tokens, write_request(cache, tokens), write_state(cache, tokens) if cfg.has("mamba") else None)
+    _insert_request(cache, tokens)
     _settle(cache)
     held = cache.alloc_device(cache.device_kv.allocator.available(), evict=False)
     states = []
@@ -290,7 +296,7 @@ def _crowded_prefetches(cfg: CacheConfig, tokens: list[int], expect) -> None:
         put.poll()
         if filler:  # one page on L2 only: backed up, then evicted from L1
             other = [t + 60 for t in tokens[:ps]]
-            cache.insert(other, write_request(cache, other), write_state(cache, other) if cfg.has("mamba") else None)
+            _insert_request(cache, other)
             cache.write_backup(cache.match_prefix(other).last_device_node)
             _settle(cache)
             cache.evict(cfg.device_tokens)

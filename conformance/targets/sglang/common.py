@@ -45,6 +45,18 @@ def _pages(ps: int, prefix: tuple, key_len: int):
     return [prefix[: i] for i in range(start + ps, len(prefix) + 1, ps)]
 
 
+def walk_tree(root) -> list[tuple]:
+    """(node, prefix) for every node below `root` of a tree whose nodes are Python objects."""
+    out, stack = [], [(root, ())]
+    while stack:
+        n, pre = stack.pop()
+        for c in n.children.values():
+            p = pre + tuple(c.key.token_ids)
+            out.append((c, p))
+            stack.append((c, p))
+    return out
+
+
 class RadixNodes:
     """Node helpers for SGLang trees whose nodes are Python objects (`root_node`, `children`, `key`,
     `parent`): RadixCache and the 0.5.17 caches. Expects `self.cache` and `self.info`."""
@@ -76,14 +88,7 @@ class RadixNodes:
         self.cache.dec_lock_ref(lock)
 
     def _nodes(self):
-        out, stack = [], [(self.cache.root_node, ())]
-        while stack:
-            n, pre = stack.pop()
-            for c in n.children.values():
-                p = pre + tuple(c.key.token_ids)
-                out.append((c, p))
-                stack.append((c, p))
-        return out
+        return walk_tree(self.cache.root_node)
 
 
 

@@ -34,11 +34,17 @@ from models.abstract import Model, Page, Prefix
 
 from ...target import CORE_OPS, Inserted, Match, Target, TargetError, TargetInfo
 from . import shim
-from .common import HICACHE_REAL, KNOWN, V_NEW, cpu_stand_ins
+from .common import HICACHE_REAL, KNOWN, V_NEW, cpu_stand_ins, walk_tree
 
 POLICY_SUFFIX = {"write_through": "", "write_through_selective": "-selective", "write_back": "-write-back"}
 # Explained divergences for these targets (each kept demonstrated in test_hicache.py).
 KNOWN_HI = KNOWN
+# Contract differences of a sidecar component (mamba, SWA) under HiCache (kept in test_hicache.py), each
+# judged by its own rule: last_host_node is best_match_node (the deepest node every component's
+# validator accepts on some tier, the anchor of a later storage prefetch), where the spec's last_host is
+# the deepest page with KV; and host_hit_length counts the backed-up tokens between the device match and
+# the best match, where the spec counts them all (a page's KV may be on device, its sidecar data not).
+SIDECAR_HOST_RULES = frozenset({"last-host-is-best", "host-hit-is-backed-up"})
 # With a storage tier: a prefetch run to its end in one step, or started and left in flight while
 # other operations run (`prefetch_start` / `prefetch_finish`, machine_storage.py).
 STORAGE_OPS = frozenset({"prefetch", "prefetch_pending"})
@@ -58,6 +64,7 @@ class SGLangUniHiCache(Target):
     hicache_write_policy."""
 
     DIGITS = 3  # prefix ids are written as 3 base-128 digits (exact in bf16)
+    WINDOW = 0  # a sliding window, in tokens (the SWA targets)
     # The match field the scheduler anchors an L2 load-back on (schedule_policy passes it to
     # init_load_back as InitLoadBackParams.best_match_node); seeds.py reverts it for one seed.
     LOAD_BACK_ANCHOR = "best_match_node"
@@ -101,10 +108,7 @@ class SGLangUniHiCache(Target):
                                                   kvcache=self.kv, need_sort=False)
         params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
                                      page_size=ps, tree_components=(ComponentType.FULL,), tree_core_backend=core)
-        self.cache = UnifiedRadixCache(params)
-        if self.cache._tree_core_backend != core:
-            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
-                                 f"instead of {core}")
+        self.cache = self._unified(UnifiedRadixCache, params, core)
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
         if dev == "cpu":  # the storage path's staging pages ask for pinned memory
@@ -112,9 +116,22 @@ class SGLangUniHiCache(Target):
                 entry.host_pool.pin_memory = False
         elif not all(e.host_pool.can_use_jit for e in self.cache.host_pool_group.entries):
             raise shim.ShimError("SGLang's host pool declined its JIT HiCache kernels on this GPU")
+        self.k0 = self.kv.get_key_buffer(0)
+        self._start_reading()
+
+    @staticmethod
+    def _unified(cls, params, core: str):
+        """The UnifiedRadixCache on tree core `core`; refused (ShimError) if SGLang fell back to another."""
+        cache = cls(params)
+        if cache._tree_core_backend != core:
+            raise shim.ShimError(f"UnifiedRadixCache fell back to the {cache._tree_core_backend} tree core "
+                                 f"instead of {core}")
+        return cache
+
+    def _start_reading(self) -> None:
+        """The adapter's own record of what it wrote and read, empty once the cache is built."""
         self.tc = self.cache.tree_core
         self.root = self.tc.root_node_handle()
-        self.k0 = self.kv.get_key_buffer(0)
         self.ids: dict[Prefix, int] = {}
         self.prefixes: list[Prefix] = []
         self.prefix_of: dict = {}  # match/lock handle -> the prefix the machine asked for
@@ -188,15 +205,17 @@ class SGLangUniHiCache(Target):
             self.prefixes.append(prefix)
         return self.ids[prefix]
 
-    def _write(self, slots: torch.Tensor, tokens: list[int]) -> None:
+    def _write(self, slots: torch.Tensor, tokens: list[int], buf: torch.Tensor | None = None) -> None:
+        """Write into each slot of `buf` (by default the full KV's K of layer 0) the id of its prefix."""
+        buf = self.k0 if buf is None else buf
         for i, s in enumerate(slots.tolist()):
-            x, row = self._id(tuple(tokens[: i + 1])), self.k0[s].view(-1)
+            x, row = self._id(tuple(tokens[: i + 1])), buf[s].view(-1)
             for d in range(self.DIGITS):
                 row[d] = float(x % 128)
                 x //= 128
 
-    def _read(self, slot: int) -> Prefix | None:
-        row = self.k0[slot].view(-1)[: self.DIGITS].float().tolist()
+    def _read(self, slot: int, buf: torch.Tensor | None = None) -> Prefix | None:
+        row = (self.k0 if buf is None else buf)[slot].view(-1)[: self.DIGITS].float().tolist()
         x = sum(int(v) * 128**d for d, v in enumerate(row))
         return self.prefixes[x - 1] if 0 < x <= len(self.prefixes) else None
 
@@ -405,14 +424,7 @@ class SGLangUniHiCache(Target):
     def _tree(self):
         """(node, prefix) for every node below the root, read from the Python core's nodes (the
         sidecar targets read them directly on that core)."""
-        out, stack = [], [(self.tc.root_node, ())]
-        while stack:
-            node, pre = stack.pop()
-            for child in node.children.values():
-                p = pre + tuple(child.key.token_ids)
-                out.append((child, p))
-                stack.append((child, p))
-        return out
+        return walk_tree(self.tc.root_node)
 
     def _nodes(self) -> dict[int, tuple]:
         """Every live node id -> its path (TreePathNodeInfo from the root down)."""
@@ -476,8 +488,9 @@ class SGLangUniHiCache(Target):
         return list(zip(w.slot_indices.tolist(), w.positions.tolist(), w.prev_slot_indices.tolist(), strict=True))
 
     def abstract(self) -> Model:
+        """The tree as the tree core's public interface shows it (the only view the Rust core gives)."""
         ps = self.info.page_size
-        m = Model(page_size=ps, sidecar=None, window=0)
+        m = Model(page_size=ps, sidecar=self.info.sidecar, window=self.WINDOW)
         nodes = self._nodes()
         pre = self._prefixes(nodes)
         unlocked = {s for s, _, _ in self._walk(True)}
@@ -487,9 +500,16 @@ class SGLangUniHiCache(Target):
             dev = v is not None and len(v) > 0
             locked = dev and any(int(s) not in unlocked for s in v.tolist())
             host = bool(self.tc.is_backuped(i))
+            every, last = self._sidecar_flags(i)
             for end in range(info.path_start + ps, info.path_end + 1, ps):
-                m.pages[pre[i][:end]] = Page(dev=dev, host=host, lock=1 if locked else 0)
+                m.pages[pre[i][:end]] = Page(dev=dev, host=host, lock=1 if locked else 0, **every,
+                                             **(last if end == info.path_end else {}))
         return m
+
+    def _sidecar_flags(self, node) -> tuple[dict, dict]:
+        """A sidecar component's Page flags for `node` through the interface: (on every page of the
+        node, on its last page only). None here; the sidecar targets say theirs."""
+        return {}, {}
 
     def check(self) -> list[str]:
         v = []
@@ -536,13 +556,6 @@ class SGLangUniHiMamba(SGLangUniHiCache):
     mamba state (temporal, layer 0) holds the id of the request it was written for, so a state that
     a node holds, also after a round trip through the host tier, is checked to be its prefix's."""
 
-    # Contract differences of a sidecar component under HiCache (kept in test_hicache.py), each judged by
-    # its own rule: last_host_node is best_match_node (the deepest node every component's validator
-    # accepts on some tier, the anchor of a later storage prefetch), where the spec's last_host is the
-    # deepest page with KV; and host_hit_length counts the backed-up tokens between the device match and
-    # the best match, where the spec counts them all (a page's KV may be on device, its state not).
-    SIDECAR_HOST_RULES = frozenset({"last-host-is-best", "host-hit-is-backed-up"})
-
     def __init__(self, policy: str = "write_through", prefetch: str | None = None, core: str = "python"):
         shim.load(V_NEW, real=HICACHE_REAL)
         from sglang.srt.configs.mamba_utils import Mamba2CacheParams, Mamba2StateShape
@@ -565,7 +578,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                                sidecar="mamba", device_tokens=n, mamba_slots=slots,
                                ops=CORE_OPS | {"load_back", "evict_mamba"} | storage_ops(prefetch),
                                host=True, sglang=V_NEW, exact_locks=False, stamps=False,
-                               allow=self.allowances(policy) | self.SIDECAR_HOST_RULES,
+                               allow=self.allowances(policy) | SIDECAR_HOST_RULES,
                                notes=f"on {dev}" + (" (CPU stand-ins for pinning and copies)" if dev == "cpu" else
                                                     " (direct IO with torch copies: sgl_kernel does not load)"))
         sa = ServerArgs(model_path="dummy", page_size=1, hicache_io_backend="direct",
@@ -588,21 +601,15 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                                      token_to_kv_pool_allocator=self.alloc_, page_size=1,
                                      tree_components=(ComponentType.FULL, ComponentType.MAMBA),
                                      tree_core_backend=core)
-        self.cache = UnifiedRadixCache(params)
-        if self.cache._tree_core_backend != core:
-            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
-                                 f"instead of {core}")
+        self.cache = self._unified(UnifiedRadixCache, params, core)
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
         if dev == "cpu":
             for entry in self.cache.host_pool_group.entries:
                 entry.host_pool.pin_memory = False
-        self.tc = self.cache.tree_core
-        self.root = self.tc.root_node_handle()
         self.state0 = self.req_pool.mamba_pool.mamba_cache.temporal[0]  # layer 0: [slot, ...], an id per state
         self.k0 = self.kv.full_kv_pool.get_key_buffer(self.kv.full_kv_pool.start_layer)
-        self.ids, self.prefixes, self.prefix_of, self.node_prefix_ = {}, [], {}, {}
-        self.live, self.top = set(), self.root
+        self._start_reading()
         self.gate = threading.Event()  # open unless a prefetch's mamba read is being held
         self.gate.set()
         if prefetch is not None:
@@ -690,7 +697,7 @@ class SGLangUniHiMamba(SGLangUniHiCache):
 
     def abstract(self) -> Model:
         if self.core != "python":
-            return self._abstract_from_interface()
+            return super().abstract()
         m = Model(page_size=1, sidecar="mamba", window=0)
         for node, pre in self._tree():
             f, s = node.component_data[self.FULL], node.component_data[self.MAMBA]
@@ -702,25 +709,12 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                                           lock=1 if f.lock_ref else 0, host_ref=f.host_lock_ref)
         return m
 
-    def _abstract_from_interface(self) -> Model:
-        """The Rust core has no readable nodes: what its public interface says per node (a host copy
-        of the state shows only while the state is off device; host references are not visible)."""
-        m = Model(page_size=1, sidecar="mamba", window=0)
-        nodes = self._nodes()
-        pre = self._prefixes(nodes)
-        unlocked = {s for s, _, _ in self._walk(True)}
-        for i, path in nodes.items():
-            info = path[-1]
-            v, mv = self.tc.get_component_device_value(i, self.FULL), self.tc.get_component_device_value(i, self.MAMBA)
-            dev = v is not None and len(v) > 0
-            lock = 1 if dev and any(int(x) not in unlocked for x in v.tolist()) else 0
-            mh = bool(self.tc.component_has_host_value_only(i, self.MAMBA))
-            for end in range(info.path_start + 1, info.path_end + 1):
-                last = end == info.path_end
-                m.pages[pre[i][:end]] = Page(dev=dev, host=bool(self.tc.is_backuped(i)),
-                                             mamba=last and mv is not None and len(mv) > 0, mamba_host=last and mh,
-                                             lock=lock)
-        return m
+    def _sidecar_flags(self, node) -> tuple[dict, dict]:
+        """The node's state, on its last page (a host copy shows through the interface only while the
+        state is off device; host references are not visible there)."""
+        mv = self.tc.get_component_device_value(node, self.MAMBA)
+        return {}, {"mamba": mv is not None and len(mv) > 0,
+                    "mamba_host": bool(self.tc.component_has_host_value_only(node, self.MAMBA))}
 
     def _node_values(self) -> list[tuple]:
         """Per node: (prefix, full device value, full host slots, mamba device value), from the Python
@@ -736,7 +730,9 @@ class SGLangUniHiMamba(SGLangUniHiCache):
                  self.tc.get_component_device_value(i, self.MAMBA)) for i, p in nodes.items()]
 
     def _held(self) -> int:
-        return sum(h for _, _, h, _ in self._node_values())
+        """L2 slots the tree holds. On the Rust core the base's count: it runs before a prefetch's new
+        nodes have known prefixes, which `_node_values` needs there."""
+        return sum(h for _, _, h, _ in self._node_values()) if self.core == "python" else super()._held()
 
     def check(self) -> list[str]:
         v = []

@@ -23,12 +23,12 @@ import time
 
 import torch
 
-from models.abstract import Model, Page, Prefix
+from models.abstract import Model, Page
 
 from ...target import CORE_OPS, Inserted, TargetError, TargetInfo
 from . import shim
 from .common import HICACHE_REAL, V_NEW
-from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SGLangUniHiCache, SGLangUniHiMamba, storage_ops
+from .v0_5_23_hicache import KNOWN_HI, POLICY_SUFFIX, SIDECAR_HOST_RULES, SGLangUniHiCache, storage_ops
 
 
 class SGLangUniHiSWA(SGLangUniHiCache):
@@ -59,7 +59,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                                f"{self._suffix(prefetch)}", page_size=ps,
                                sidecar="swa", device_tokens=n, ops=CORE_OPS | {"load_back"} | storage_ops(prefetch),
                                host=True, sglang=V_NEW,
-                               exact_locks=False, stamps=False, allow=KNOWN_HI | SGLangUniHiMamba.SIDECAR_HOST_RULES,
+                               exact_locks=False, stamps=False, allow=KNOWN_HI | SIDECAR_HOST_RULES,
                                notes=self._io_notes(dev))
         sa = ServerArgs(model_path="dummy", page_size=ps, hicache_io_backend=io,
                         hicache_mem_layout=layout, hicache_write_policy=policy, hicache_ratio=1.5,
@@ -74,10 +74,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         params = cip.CacheInitParams(disable=False, req_to_token_pool=None, token_to_kv_pool_allocator=self.alloc_,
                                      page_size=ps, tree_components=(ComponentType.FULL, ComponentType.SWA),
                                      tree_core_backend=core, sliding_window_size=self.WINDOW)
-        self.cache = UnifiedRadixCache(params)
-        if self.cache._tree_core_backend != core:
-            raise shim.ShimError(f"UnifiedRadixCache fell back to the {self.cache._tree_core_backend} tree core "
-                                 f"instead of {core}")
+        self.cache = self._unified(UnifiedRadixCache, params, core)
         self.cache.init_hicache(sa, params)
         self.cache.load_back_threshold = 0
         entries = self.cache.host_pool_group.entry_map
@@ -87,30 +84,11 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                 host.pin_memory = False
         elif not (self.host_kv.can_use_jit and self.host_swa.can_use_jit):
             raise shim.ShimError("SGLang's host pools declined its JIT HiCache kernels on this GPU")
-        self.tc = self.cache.tree_core
-        self.root = self.tc.root_node_handle()
         self.k0 = self.kv.full_kv_pool.get_key_buffer(0)
         self.s0 = self.kv.swa_kv_pool.get_key_buffer(0)
-        self.ids: dict[Prefix, int] = {}
-        self.prefixes: list[Prefix] = []
-        self.prefix_of: dict = {}
-        self.node_prefix_: dict[int, Prefix] = {}
-        self.live: set[int] = set()
-        self.top = self.root
+        self._start_reading()
 
     # ----------------------------------------------------------------- data in the KV
-    def _write_to(self, buf: torch.Tensor, slots: torch.Tensor, tokens: list[int]) -> None:
-        for i, s in enumerate(slots.tolist()):
-            x, row = self._id(tuple(tokens[: i + 1])), buf[s].view(-1)
-            for d in range(self.DIGITS):
-                row[d] = float(x % 128)
-                x //= 128
-
-    def _read_from(self, buf: torch.Tensor, slot: int) -> Prefix | None:
-        row = buf[slot].view(-1)[: self.DIGITS].float().tolist()
-        x = sum(int(v) * 128**d for d, v in enumerate(row))
-        return self.prefixes[x - 1] if 0 < x <= len(self.prefixes) else None
-
     def _to_swa(self, full: list[int]) -> list[int]:
         """The SWA slots the attention kernels read for `full` slots (the allocator's mapping)."""
         return self.alloc_.full_to_swa_index_mapping[torch.tensor(full, dtype=torch.int64)].tolist() if full else []
@@ -122,7 +100,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         if [self._read(s) for s in m.device_indices] != want:
             return False
         tail = m.device_indices[max(0, len(m.device_indices) - self.WINDOW):]
-        return [self._read_from(self.s0, s) for s in self._to_swa(tail)] == want[len(want) - len(tail):]
+        return [self._read(s, self.s0) for s in self._to_swa(tail)] == want[len(want) - len(tail):]
 
     # ----------------------------------------------------------------- driving
     def alloc(self, tokens):
@@ -138,8 +116,8 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                               "SWA free after eviction")
         full, swa = a.full_attn_allocator.alloc(n), a.swa_attn_allocator.alloc(n)
         a.set_full_to_swa_mapping(full, swa)
-        self._write_to(self.k0, full, tokens)
-        self._write_to(self.s0, swa, tokens)
+        self._write(full, tokens)
+        self._write(swa, tokens, self.s0)
         return full
 
     def insert(self, tokens, kv):
@@ -165,11 +143,6 @@ class SGLangUniHiSWA(SGLangUniHiCache):
         ps = self.info.page_size
         n, _, _ = self.tc.match_full_device_prefix(self._key(tokens[: len(tokens) // ps * ps]))
         return set(range(ps, n + 1, ps))
-
-    def evict(self, n):
-        freed = self.cache.evict(self.b.EvictParams(num_tokens=n)).num_tokens_evicted
-        self._settle()
-        return freed
 
     # ----------------------------------------------------------------- storage tier (L3)
     def l3_sidecar_pages(self, tokens: list[int]) -> list[bool]:
@@ -204,8 +177,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
     def _swa_host_unaccounted(self) -> int:
         from sglang.srt.mem_cache.hicache_storage import PoolName
 
-        held = sum(len(n.component_data[self.SWA].host_value) for n, _ in self._tree()
-                   if n.component_data[self.SWA].host_value is not None)
+        held = sum(v[5] for v in self._node_values())
         return self.host_swa.size - (self.host_swa.available_size() + self._staged_swa()
                                      + self._releasing(PoolName.SWA) + held)
 
@@ -216,7 +188,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
     # ----------------------------------------------------------------- reading the tree
     def abstract(self) -> Model:
         if self.core != "python":
-            return self._abstract_from_interface()
+            return super().abstract()
         ps = self.info.page_size
         m = Model(page_size=ps, sidecar="swa", window=self.WINDOW)
         for node, pre in self._tree():
@@ -227,31 +199,18 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                                           lock=1 if f.lock_ref else 0, host_ref=f.host_lock_ref)
         return m
 
-    def _abstract_from_interface(self) -> Model:
-        """The Rust core has no readable nodes: what its public interface says per node. A node's
-        SWA host copy shows only when its SWA KV is off device (`component_has_host_value_only`);
-        while the KV is on device the copy is reported absent, which no match rule reads."""
-        ps = self.info.page_size
-        m = Model(page_size=ps, sidecar="swa", window=self.WINDOW)
-        nodes = self._nodes()
-        pre = self._prefixes(nodes)
-        unlocked = {s for s, _, _ in self._walk(True)}
-        for i, path in nodes.items():
-            info = path[-1]
-            v, sv = self.tc.get_component_device_value(i, self.FULL), self.tc.get_component_device_value(i, self.SWA)
-            dev = v is not None and len(v) > 0
-            page = Page(dev=dev, host=bool(self.tc.is_backuped(i)), swa=sv is not None and len(sv) > 0,
-                        swa_host=bool(self.tc.component_has_host_value_only(i, self.SWA)),
-                        lock=1 if dev and any(int(x) not in unlocked for x in v.tolist()) else 0)
-            for end in range(info.path_start + ps, info.path_end + 1, ps):
-                m.pages[pre[i][:end]] = page
-        return m
+    def _sidecar_flags(self, node) -> tuple[dict, dict]:
+        """The node's SWA, on every page. Its host copy shows through the interface only while its SWA
+        KV is off device (`component_has_host_value_only`); beside device SWA it reads as absent,
+        which no match rule reads."""
+        sv = self.tc.get_component_device_value(node, self.SWA)
+        return {"swa": sv is not None and len(sv) > 0,
+                "swa_host": bool(self.tc.component_has_host_value_only(node, self.SWA))}, {}
 
     def _held(self) -> int:
-        if self.core != "python":
-            return sum(p[-1].path_end - p[-1].path_start for i, p in self._nodes().items() if self.tc.is_backuped(i))
-        return sum(len(n.component_data[self.FULL].host_value) for n, _ in self._tree()
-                   if n.component_data[self.FULL].host_value is not None)
+        """L2 slots the tree holds. On the Rust core the base's count: it runs before a prefetch's new
+        nodes have known prefixes, which `_node_values` needs there."""
+        return sum(v[4] for v in self._node_values()) if self.core == "python" else super()._held()
 
     def _releasing(self, pool) -> int:
         """Host slots queued for release (the storage threads hand back what a discarded prefetch
@@ -289,7 +248,7 @@ class SGLangUniHiSWA(SGLangUniHiCache):
                     v.append(f"D1: node {pre} holds full KV of {[self._read(int(x)) for x in fv]}")
             if sv is not None and len(sv):
                 held["swa"] += len(sv)
-                got = [self._read_from(self.s0, int(x)) for x in sv]
+                got = [self._read(int(x), self.s0) for x in sv]
                 if got != want:
                     v.append(f"D1: node {pre} holds SWA KV of {got}")
                 if fv is not None and self._to_swa(fv.tolist()) != sv.tolist():
