@@ -128,9 +128,7 @@ TARGETS.update({
         machine="conformance.machine_storage:StorageMachine", requires=_RUST if core == "rust" else None)
     for core, label in _CORES.items() for stop, suffix in _STOP.items()
 })
-# FULL + MAMBA on the Rust tree core, read through its public interface like the Rust SWA targets. (No
-# storage variant: a prefetch's host-only nodes there can be new nodes whose prefix the interface does
-# not give, so the adapter cannot name their pages.)
+# FULL + MAMBA on the Rust tree core, read through its public interface like the Rust SWA targets.
 TARGETS.update({
     f"sglang-hicache-mamba-rust{suffix}": TargetSpec(
         f"{_H}:SGLangUniHiMamba", V_NEW,
@@ -139,3 +137,8 @@ TARGETS.update({
         args=(policy, None, "rust"), requires=_RUST)
     for policy, suffix in _POLICIES.items()
 })
+TARGETS["sglang-hicache-mamba-rust-storage"] = TargetSpec(
+    f"{_H}:SGLangUniHiMamba", V_NEW,
+    "SGLang 0.5.23 HiCache (FULL+MAMBA), compiled Rust tree core, write_through, file storage backend (L3), "
+    "prefetch stop policy wait_complete, page 1", 1, args=("write_through", "wait_complete", "rust"),
+    machine="conformance.machine_storage:StorageMachine", requires=_RUST)
